@@ -1,0 +1,32 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+.PHONY: setup test lint demo bench flops clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed  ## create .venv and install everything
+
+test: setup  ## the whole test suite (CPU)
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -ra tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+demo: setup  ## end-to-end: videos -> shards -> ZeRO-3 pretraining -> resume -> export
+	DS_ACCELERATOR=cpu bash scripts/demo.sh
+
+bench: setup  ## CPU-sized benchmark suite
+	$(PY) -m benchmarks --preset cpu --out reports/bench
+
+flops: setup  ## analytic FLOPs table, all sizes, encoder-only vs dual
+	$(PY) -m vmae_ds.flops
+
+clean:
+	rm -rf $(VENV) runs reports demo_out
