@@ -1,0 +1,126 @@
+"""Configs validated at the edge: pydantic models with extra="forbid", YAML files, dotted overrides.
+
+Inside the library, code takes plain values; only entry points touch these models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from .masking import RUNNING_CELL_RATIOS
+from .models.registry import ALIASES, MODELS
+
+AttentionKernel = Literal["auto", "flash_attn", "sdpa", "math"]
+ModelName = Literal[tuple(list(MODELS) + list(ALIASES))]  # type: ignore[valid-type]
+
+
+class ConfigError(ValueError):
+    """One-line configuration error naming the field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    name: ModelName = "vit_base_patch16"
+    attention: AttentionKernel = "auto"
+    num_frames: int | None = None
+    img_size: int | None = None
+    tubelet_size: int | None = None
+    decoder_depth: int | None = None
+    decoder_dim: int | None = None
+    decoder_heads: int | None = None
+    drop_path_rate: float = 0.0
+
+    def overrides(self) -> dict[str, Any]:
+        """Keyword overrides for `create_pretrain_model(self.name, **...)`."""
+        d = self.model_dump(exclude={"name"})
+        return {k: v for k, v in d.items() if v is not None}
+
+
+class MaskConfig(Strict):
+    encoder: Literal["tube", "random"] = "tube"
+    encoder_ratio: float = 0.9
+    decoder: Literal["running_cell", "random", "frame", "none"] = "running_cell"
+    decoder_ratio: float = 0.5
+
+    @model_validator(mode="after")
+    def _legal_ratios(self) -> MaskConfig:
+        if not 0.0 < self.encoder_ratio < 1.0:
+            raise ValueError(f"encoder_ratio must be in (0, 1), got {self.encoder_ratio}")
+        if self.decoder == "running_cell" and self.decoder_ratio not in RUNNING_CELL_RATIOS:
+            raise ValueError(f"decoder_ratio for running_cell must be one of {RUNNING_CELL_RATIOS}, "
+                             f"got {self.decoder_ratio}")
+        if self.decoder == "frame" and self.decoder_ratio != 0.5:
+            raise ValueError(f"decoder_ratio for frame masking must be 0.5, got {self.decoder_ratio}")
+        return self
+
+
+def _allowed(model: type[BaseModel], loc: tuple) -> str:
+    """Field names allowed at `loc` (for 'unknown key' errors)."""
+    cls: Any = model
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part)) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return ""
+        ann = field.annotation
+        cls = next((a for a in (ann, *get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if cls is None:
+            return ""
+    return ", ".join(cls.model_fields)
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel]) -> str:
+    """The first problem, on one line, with the dotted field name and what is allowed."""
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    key = ".".join(str(p) for p in loc) or "<root>"
+    if e["type"] == "extra_forbidden":
+        allowed = _allowed(model, loc)
+        return f"unknown config key '{key}'" + (f" (allowed here: {allowed})" if allowed else "")
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"config field '{key}': {e['msg']} (got {e.get('input')!r}){more}"
+
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: '{p}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(model: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Read YAML (optional), apply dotted overrides, validate; raise ConfigError with one line."""
+    data: dict = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        where = f"{path}: " if path else ""
+        raise ConfigError(where + format_validation_error(e, model)) from None

@@ -1,0 +1,49 @@
+"""Reconstruction target and loss, exactly as VideoMAE / VideoMAE V2 define them."""
+
+from __future__ import annotations
+
+import torch
+
+from .masking import loss_positions
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def patchify(video: torch.Tensor, patch_size: int, tubelet_size: int) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, N, t*p*p, C): tokens in (t, h, w) order, pixels in (t, p, p) order."""
+    b, c, t, h, w = video.shape
+    tt, hh, ww = t // tubelet_size, h // patch_size, w // patch_size
+    x = video.reshape(b, c, tt, tubelet_size, hh, patch_size, ww, patch_size)
+    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)  # b, tt, hh, ww, t, p, p, c
+    return x.reshape(b, tt * hh * ww, tubelet_size * patch_size * patch_size, c)
+
+
+def pixel_target(video: torch.Tensor, patch_size: int, tubelet_size: int,
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
+    """Per-patch normalised pixels (B, N, t*p*p*C), flattened channel-last.
+
+    `video` is the normalised model input; the normalisation is undone back to [0, 1] first, then each
+    token's channel is standardised over its t*p*p pixels (unbiased std + 1e-6). Computed in float32.
+    """
+    v = video.float()
+    m = torch.tensor(mean, device=v.device).view(1, -1, 1, 1, 1)
+    s = torch.tensor(std, device=v.device).view(1, -1, 1, 1, 1)
+    patches = patchify(v * s + m, patch_size, tubelet_size)
+    normed = (patches - patches.mean(dim=-2, keepdim=True)) / (patches.var(dim=-2, unbiased=True,
+                                                                             keepdim=True).sqrt() + 1e-6)
+    return normed.flatten(2)
+
+
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, encoder_mask: torch.Tensor,
+                        decoder_mask: torch.Tensor | None) -> torch.Tensor:
+    """MSE per token, averaged over tokens hidden from the encoder AND kept by the decoder.
+
+    pred: (B, N_keep, D) model output; target: (B, N, D) from `pixel_target`.
+    """
+    kept = encoder_mask if decoder_mask is None else ~decoder_mask
+    b = target.shape[0]
+    labels = target[kept].reshape(b, -1, target.shape[-1])
+    weight = loss_positions(encoder_mask, decoder_mask).float()
+    per_token = (pred.float() - labels).pow(2).mean(dim=-1)
+    return (per_token * weight).sum() / weight.sum()

@@ -1,0 +1,240 @@
+"""VideoMAE V2 vision transformer: encoder, pretraining decoder and fine-tuning classifier.
+
+Parameter names follow the official checkpoints (encoder.blocks.{i}.attn.qkv, q_bias, v_bias, ...)
+so importing them is a key-prefix exercise, not a rename table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch.utils.checkpoint import checkpoint
+
+from ..attention import KernelChoice
+from ..masking import decoder_kept
+from .pos_embed import sinusoid_table
+
+CheckpointFn = Callable[..., torch.Tensor]
+
+
+def _torch_checkpoint(fn: Callable, *args: torch.Tensor) -> torch.Tensor:
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with q and v biases only (k bias is zero), as in the official code."""
+
+    def __init__(self, dim: int, num_heads: int, kernel: KernelChoice):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        out = self.kernel(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, no layer scale."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kernel: KernelChoice, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, kernel)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Tubelet embedding: Conv3d with kernel = stride = (tubelet, p, p)."""
+
+    def __init__(self, patch_size: int, tubelet_size: int, in_chans: int, dim: int):
+        super().__init__()
+        k = (tubelet_size, patch_size, patch_size)
+        self.proj = nn.Conv3d(in_chans, dim, kernel_size=k, stride=k)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.proj(video).flatten(2).transpose(1, 2)
+
+
+def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, num_ckpt: int, ckpt_fn: CheckpointFn) -> torch.Tensor:
+    for i, blk in enumerate(blocks):
+        x = ckpt_fn(blk, x) if i < num_ckpt else blk(x)
+    return x
+
+
+class VideoEncoder(nn.Module):
+    """Patch embedding + fixed position table + blocks + final norm; runs only visible tokens."""
+
+    def __init__(self, *, img_size: int, patch_size: int, num_frames: int, tubelet_size: int, dim: int,
+                 depth: int, num_heads: int, mlp_ratio: float, kernel: KernelChoice, in_chans: int = 3,
+                 drop_path_rate: float = 0.0, final_norm: bool = True):
+        super().__init__()
+        self.grid = (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size)
+        self.num_tokens = self.grid[0] * self.grid[1] * self.grid[2]
+        self.dim = dim
+        self.patch_embed = PatchEmbed(patch_size, tubelet_size, in_chans, dim)
+        self.register_buffer("pos_embed", sinusoid_table(self.num_tokens, dim), persistent=False)
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, kernel, dpr[i]) for i in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6) if final_norm else nn.Identity()
+        self.num_ckpt_blocks = 0
+        self.ckpt_fn: CheckpointFn = _torch_checkpoint
+
+    def forward(self, video: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """video (B, C, T, H, W) normalised float; mask (B, N) True = hidden. Returns visible tokens."""
+        x = self.patch_embed(video)
+        x = x + self.pos_embed.to(dtype=x.dtype)
+        if mask is not None:
+            x = x[~mask].reshape(x.shape[0], -1, x.shape[-1])
+        x = _run_blocks(self.blocks, x, self.num_ckpt_blocks, self.ckpt_fn)
+        return self.norm(x)
+
+
+class VideoDecoder(nn.Module):
+    """Blocks + norm + pixel head; returns predictions for the last `num_out` tokens."""
+
+    def __init__(self, *, num_tokens: int, dim: int, depth: int, num_heads: int, mlp_ratio: float,
+                 out_dim: int, kernel: KernelChoice):
+        super().__init__()
+        self.register_buffer("pos_embed", sinusoid_table(num_tokens, dim), persistent=False)
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, kernel) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, out_dim)
+        self.num_ckpt_blocks = 0
+        self.ckpt_fn: CheckpointFn = _torch_checkpoint
+
+    def forward(self, x: torch.Tensor, num_out: int) -> torch.Tensor:
+        x = _run_blocks(self.blocks, x, self.num_ckpt_blocks, self.ckpt_fn)
+        return self.head(self.norm(x[:, -num_out:]))
+
+
+def _init_pretrain(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv3d):
+        module.reset_parameters()
+    elif isinstance(module, Attention):
+        nn.init.zeros_(module.q_bias)
+        nn.init.zeros_(module.v_bias)
+
+
+class PretrainVideoMAE(nn.Module):
+    """Encoder on visible tokens -> decoder on visible tokens + mask tokens at decoder-kept positions."""
+
+    def __init__(self, *, img_size: int, patch_size: int, num_frames: int, tubelet_size: int, dim: int,
+                 depth: int, num_heads: int, mlp_ratio: float, decoder_dim: int, decoder_depth: int,
+                 decoder_heads: int, attention: str = "auto", drop_path_rate: float = 0.0, in_chans: int = 3):
+        super().__init__()
+        self.kernel = KernelChoice(attention)
+        self.patch_size, self.tubelet_size = patch_size, tubelet_size
+        self.encoder = VideoEncoder(img_size=img_size, patch_size=patch_size, num_frames=num_frames,
+                                    tubelet_size=tubelet_size, dim=dim, depth=depth, num_heads=num_heads,
+                                    mlp_ratio=mlp_ratio, kernel=self.kernel, in_chans=in_chans,
+                                    drop_path_rate=drop_path_rate)
+        self.grid = self.encoder.grid
+        self.encoder_to_decoder = nn.Linear(dim, decoder_dim, bias=False)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder = VideoDecoder(num_tokens=self.encoder.num_tokens, dim=decoder_dim, depth=decoder_depth,
+                                    num_heads=decoder_heads, mlp_ratio=mlp_ratio,
+                                    out_dim=in_chans * tubelet_size * patch_size**2, kernel=self.kernel)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise parameters and the position tables, e.g. after meta-device build + to_empty()."""
+        self.apply(_init_pretrain)
+        trunc_normal_(self.mask_token, std=0.02)
+        for part in (self.encoder, self.decoder):
+            table = sinusoid_table(part.pos_embed.shape[1], part.pos_embed.shape[2], device=part.pos_embed.device)
+            part.pos_embed.copy_(table)
+
+    def set_activation_checkpointing(self, mode: str = "none", num_blocks: int = 0,
+                                     fn: CheckpointFn | None = None) -> None:
+        """mode: none | full (every encoder and decoder block) | selective (first `num_blocks` encoder blocks)."""
+        depth = len(self.encoder.blocks)
+        if mode == "none":
+            enc, dec = 0, 0
+        elif mode == "full":
+            enc, dec = depth, len(self.decoder.blocks)
+        elif mode == "selective":
+            if not 0 < num_blocks <= depth:
+                raise ValueError(f"selective checkpointing needs 0 < num_blocks <= {depth}, got {num_blocks}")
+            enc, dec = num_blocks, 0
+        else:
+            raise ValueError(f"activation checkpointing mode must be none|full|selective, got {mode!r}")
+        self.encoder.num_ckpt_blocks, self.decoder.num_ckpt_blocks = enc, dec
+        if fn is not None:
+            self.encoder.ckpt_fn = self.decoder.ckpt_fn = fn
+
+    def forward(self, video: torch.Tensor, encoder_mask: torch.Tensor,
+                decoder_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Predictions (B, N_keep, C*t*p*p) for decoder-kept positions in ascending token order.
+
+        decoder_mask None = encoder-only masking: the decoder predicts the encoder-hidden positions.
+        """
+        x_vis = self.encoder_to_decoder(self.encoder(video, encoder_mask))
+        b, _, c = x_vis.shape
+        pos = self.decoder.pos_embed.to(dtype=x_vis.dtype).expand(b, -1, -1)
+        kept = decoder_kept(encoder_mask, decoder_mask)
+        pos_vis = pos[~encoder_mask].reshape(b, -1, c)
+        pos_kept = pos[kept].reshape(b, -1, c)
+        x = torch.cat([x_vis + pos_vis, self.mask_token.to(x_vis.dtype) + pos_kept], dim=1)
+        return self.decoder(x, pos_kept.shape[1])
+
+
+class VideoClassifier(VideoEncoder):
+    """Fine-tuning model: the same encoder (keys without `encoder.`), mean pool -> fc_norm -> head."""
+
+    def __init__(self, *, num_classes: int, head_drop_rate: float = 0.0, init_scale: float = 0.001,
+                 attention: str = "auto", **encoder_kwargs):
+        kernel = KernelChoice(attention)
+        super().__init__(kernel=kernel, final_norm=False, **encoder_kwargs)
+        self.kernel = kernel
+        self.fc_norm = nn.LayerNorm(self.dim, eps=1e-6)
+        self.head_dropout = nn.Dropout(head_drop_rate)
+        self.head = nn.Linear(self.dim, num_classes)
+        self.init_scale = init_scale
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        self.apply(_init_pretrain)
+        trunc_normal_(self.head.weight, std=0.02)
+        self.head.weight.mul_(self.init_scale)
+        self.head.bias.zero_()
+        self.pos_embed.copy_(sinusoid_table(self.pos_embed.shape[1], self.pos_embed.shape[2],
+                                            device=self.pos_embed.device))
+
+    def set_activation_checkpointing(self, mode: str = "none", num_blocks: int = 0,
+                                     fn: CheckpointFn | None = None) -> None:
+        depth = len(self.blocks)
+        self.num_ckpt_blocks = {"none": 0, "full": depth, "selective": num_blocks}[mode]
+        if fn is not None:
+            self.ckpt_fn = fn
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        x = super().forward(video)
+        return self.head(self.head_dropout(self.fc_norm(x.mean(1))))
