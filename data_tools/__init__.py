@@ -1,0 +1,1 @@
+"""Offline data tools: manifests, the hybrid mix, WebDataset shard building and checking."""

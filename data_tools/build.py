@@ -1,0 +1,234 @@
+"""Manifest -> `prefix-%06d.tar` WebDataset shards + index.json + errors.jsonl, atomic and resumable.
+
+Design, so a rerun after a crash yields exactly the same samples:
+- shard i always holds the manifest rows [i * shard_size, (i + 1) * shard_size) (after the optional
+  seeded shuffle), so its content depends only on the manifest and the settings;
+- a shard is written as `<name>.tar.tmp`, fsynced and renamed; then its record (samples, errors) is
+  written to `_parts/<name>.json` the same way. A shard counts as finished only when its record exists,
+  so a rerun redoes any shard that was cut off, and skips the finished ones;
+- `build.json` pins the settings: rerunning with different settings into the same folder is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import signal
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import webdataset as wds
+from tqdm import tqdm
+
+from data_tools.clipcheck import ClipResult, ClipSettings, process_clip
+from data_tools.manifest import read_manifest
+
+PARTS = "_parts"
+INDEX = "index.json"
+ERRORS = "errors.jsonl"
+SETTINGS = "build.json"
+# Test hook: after this many finished shards, SIGKILL ourselves half-way through the next one.
+CRASH_ENV = "VMAE_SHARDS_CRASH_AFTER_SHARDS"
+
+
+class BuildError(RuntimeError):
+    """A build that cannot start or continue; the message says why and what to do."""
+
+
+@dataclass
+class BuildSummary:
+    rows: int
+    written: int
+    skipped: int
+    shards: int
+    bytes: int
+    skipped_by_reason: dict
+    out: str
+
+    def text(self) -> str:
+        lines = [f"written {self.written} + skipped {self.skipped} = {self.written + self.skipped} "
+                 f"(manifest rows: {self.rows}) -> {self.shards} shards, {self.bytes / 1e6:.1f} MB in {self.out}"]
+        for reason, n in sorted(self.skipped_by_reason.items(), key=lambda t: -t[1]):
+            lines.append(f"  skipped {n:>7}  {reason}")
+        if self.skipped:
+            lines.append(f"  every skipped clip is listed with its reason in {Path(self.out) / ERRORS}")
+        return "\n".join(lines)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _reason_kind(reason: str) -> str:
+    """Group reasons for the summary ('not a decodable video: moov atom...' -> 'not a decodable video')."""
+    return reason.split(":")[0]
+
+
+class _ShardWriter:
+    """Writes one shard to a temporary name; `finish` makes it visible atomically."""
+
+    def __init__(self, out: Path, name: str):
+        self.final = out / f"{name}.tar"
+        self.tmp = out / f"{name}.tar.tmp"
+        self.file = open(self.tmp, "wb")
+        self.tar = wds.TarWriter(self.file, encoder=False, mtime=0.0)  # fixed mtime: reproducible bytes
+
+    def write(self, r: ClipResult) -> None:
+        meta = json.dumps(r.meta, sort_keys=True).encode()
+        self.tar.write({"__key__": r.key, r.ext: r.video, "json": meta})
+
+    def finish(self) -> int:
+        self.tar.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.final)
+        return self.final.stat().st_size
+
+
+def _pool_init() -> None:
+    # Ctrl-C goes to the parent only, which then terminates the pool cleanly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import decord
+
+    decord.logging.set_level(decord.logging.QUIET)  # reasons go to errors.jsonl, not to the terminal
+
+
+def _worker_init() -> None:
+    """Pool workers: also silence decord's C++ log lines (fd 2); their reasons reach errors.jsonl."""
+    _pool_init()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+
+
+def build_shards(manifest: str | Path, out: str | Path, *, prefix: str = "shard", shard_size: int = 1000,
+                 workers: int = 1, clip: ClipSettings | None = None, root: str | Path | None = None,
+                 manifest_format: str = "auto", shuffle_seed: int | None = None,
+                 progress: bool = True) -> BuildSummary:
+    """Build (or finish building) the shards of `manifest` in `out`. See the module docstring."""
+    manifest, out = Path(manifest), Path(out)
+    clip = clip or ClipSettings()
+    if shard_size < 1:
+        raise BuildError(f"--shard-size must be >= 1, got {shard_size}")
+    if not prefix or any(c in prefix for c in "/.% "):
+        raise BuildError(f"--prefix must be a plain name without '/', '.', '%' or spaces, got {prefix!r}")
+    rows = read_manifest(manifest, manifest_format)
+    base = Path(root) if root else manifest.resolve().parent
+    order = list(range(len(rows)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    settings = {"manifest": str(manifest.resolve()), "manifest_sha256": _sha256(manifest),
+                "rows": len(rows), "prefix": prefix, "shard_size": shard_size, "root": str(base),
+                "shuffle_seed": shuffle_seed, **asdict(clip)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PARTS).mkdir(exist_ok=True)
+    _check_settings(out / SETTINGS, settings)
+
+    num_shards = math.ceil(len(rows) / shard_size)
+    names = [f"{prefix}-{i:06d}" for i in range(num_shards)]
+    done = {i for i, n in enumerate(names) if (out / PARTS / f"{n}.json").exists()}
+    for stale in out.glob(f"{prefix}-*.tar.tmp"):
+        stale.unlink()  # leftovers of a killed run; their shards are redone below
+    pending = [i for i in range(num_shards) if i not in done]
+    tasks = []
+    for s in pending:
+        for pos in order[s * shard_size:(s + 1) * shard_size]:
+            row = rows[pos]
+            path = Path(row.path) if Path(row.path).is_absolute() else base / row.path
+            tasks.append((pos, row.__dict__, str(path), clip))
+    if done:
+        print(f"resuming: {len(done)} of {num_shards} shards already finished, {len(pending)} to build")
+
+    crash_after = int(os.environ.get(CRASH_ENV, "-1"))
+    bar = tqdm(total=len(tasks), unit="clip", desc="build", disable=not progress, smoothing=0.05)
+    failures = 0
+    pool = mp.get_context("fork").Pool(workers, initializer=_worker_init) if workers > 1 else None
+    if pool is None:
+        _pool_init()
+    try:
+        results = pool.imap(process_clip, tasks, chunksize=4) if pool else map(process_clip, tasks)
+        task_iter = iter(results)
+        for n_built, s in enumerate(pending):
+            name = names[s]
+            size = len(order[s * shard_size:(s + 1) * shard_size])
+            writer: _ShardWriter | None = None
+            errors, sources = [], Counter()
+            for j in range(size):
+                r = next(task_iter)
+                if r.ok:
+                    writer = writer or _ShardWriter(out, name)
+                    writer.write(r)
+                    sources[r.meta["source"]] += 1
+                else:
+                    failures += 1
+                    row = rows[r.row]
+                    errors.append({"row": r.row, "key": r.key, "path": row.path, "source": row.source,
+                                   "reason": r.reason})
+                bar.update(1)
+                bar.set_postfix(failed=failures, refresh=False)
+                if n_built == crash_after and j == size // 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            nbytes = writer.finish() if writer else 0
+            record = {"name": name, "shard": s, "samples": sum(sources.values()), "bytes": nbytes,
+                      "sources": dict(sorted(sources.items())), "rows": size, "errors": errors}
+            _atomic_write(out / PARTS / f"{name}.json", json.dumps(record, indent=1).encode())
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()
+            pool.join()
+    return finalize(out, names, settings)
+
+
+def _check_settings(path: Path, settings: dict) -> None:
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+        if diff:
+            k = diff[0]
+            raise BuildError(f"{path.parent} holds a build made with other settings ({k}: {old.get(k)!r} "
+                             f"there, {settings.get(k)!r} now): use a new --out folder")
+    else:
+        _atomic_write(path, json.dumps(settings, indent=1).encode())
+
+
+def finalize(out: Path, names: list[str], settings: dict) -> BuildSummary:
+    """Write index.json and errors.jsonl from the per-shard records; reconcile the counts."""
+    records = [json.loads((out / PARTS / f"{n}.json").read_text()) for n in names]
+    errors = [e for r in records for e in r["errors"]]
+    written = sum(r["samples"] for r in records)
+    if written + len(errors) != settings["rows"]:
+        raise BuildError(f"counts do not reconcile: written {written} + skipped {len(errors)} != "
+                         f"{settings['rows']} manifest rows; delete {out / PARTS} and rebuild")
+    per_source: Counter = Counter()
+    for r in records:
+        per_source.update(r["sources"])
+    shards = [{k: r[k] for k in ("name", "samples", "bytes", "sources")} | {"file": f"{r['name']}.tar"}
+              for r in records if r["samples"]]
+    reasons = Counter(_reason_kind(e["reason"]) for e in errors)
+    index = {"format": "vmae_ds-shards-v1", "shards": shards, "num_shards": len(shards),
+             "total_samples": written, "total_bytes": sum(s["bytes"] for s in shards),
+             "per_source": dict(sorted(per_source.items())), "manifest_rows": settings["rows"],
+             "skipped": len(errors), "skipped_by_reason": dict(reasons), "settings": settings}
+    _atomic_write(out / INDEX, json.dumps(index, indent=1).encode())
+    _atomic_write(out / ERRORS, "".join(json.dumps(e) + "\n" for e in errors).encode())
+    return BuildSummary(settings["rows"], written, len(errors), len(shards), index["total_bytes"],
+                        dict(reasons), str(out))

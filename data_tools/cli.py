@@ -1,0 +1,162 @@
+"""`vmae-shards`: make manifests, mix the hybrid set, build / verify / describe WebDataset shards."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from data_tools.build import BuildError, build_shards
+from data_tools.clipcheck import ClipSettings
+from data_tools.hybrid import PAPER_WEIGHTS, compose, format_plan
+from data_tools.inspect_shards import format_report, inspect, plot_report
+from data_tools.manifest import FORMATS, ManifestError, read_manifest, scan_folder, write_manifest
+
+EPILOG = """examples:
+  vmae-shards manifest videos/ --out videos.jsonl
+  vmae-shards build --manifest videos.jsonl --out shards/ --workers 8 --reencode
+  vmae-shards verify shards/
+  vmae-shards hybrid --source k710=k710.csv --source ssv2=ssv2_train.txt ... --out hybrid.jsonl
+"""
+
+
+def _name_value(text: str, what: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"{what} must look like NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def _cmd_manifest(a: argparse.Namespace) -> int:
+    rows = scan_folder(a.folder, source=a.source, labels_from_dirs=a.labels_from_dirs, all_files=a.all_files)
+    n = write_manifest(rows, a.out)
+    print(f"{n} clips from {a.folder} -> {a.out}")
+    return 0 if n else 1
+
+
+def _cmd_hybrid(a: argparse.Namespace) -> int:
+    per_source = defaultdict(list)
+    for spec in a.source:
+        name, path = _name_value(spec, "--source")
+        per_source[name].extend(read_manifest(path, a.format, default_source=name))
+    weights = {}
+    for spec in a.weight:
+        name, value = _name_value(spec, "--weight")
+        weights[name] = float(value)
+    rows, plans = compose(dict(per_source), weights, a.total, a.seed)
+    write_manifest(rows, a.out)
+    print(format_plan(plans))
+    print(f"{len(rows)} rows, shuffled across sources (seed {a.seed}) -> {a.out}")
+    return 0
+
+
+def _cmd_build(a: argparse.Namespace) -> int:
+    clip = ClipSettings(reencode=a.reencode, short_side=a.short_side, keyint=a.keyint, crf=a.crf,
+                        min_frames=a.min_frames)
+    summary = build_shards(a.manifest, a.out, prefix=a.prefix, shard_size=a.shard_size, workers=a.workers,
+                           clip=clip, root=a.root, manifest_format=a.format, shuffle_seed=a.shuffle_seed,
+                           progress=not a.quiet)
+    print(summary.text())
+    return 0
+
+
+def _cmd_check(a: argparse.Namespace, verify: bool) -> int:
+    report = inspect(a.dir, decode_per_shard=a.decode, progress=not a.quiet)
+    print(format_report(report))
+    plot = Path(a.plot) if a.plot else Path(a.dir) / "stats.png"
+    if Path(a.dir).is_dir():
+        print(f"plot: {plot_report(report, plot)}")
+    return 1 if verify and not report.ok else 0
+
+
+def _cmd_synth(a: argparse.Namespace) -> int:
+    from data_tools.synth import make_videos
+
+    h, w = (int(x) for x in a.size.lower().split("x"))
+    paths = make_videos(a.out, a.n, frames=a.frames, size=(h, w), fps=a.fps, seed=a.seed)
+    print(f"{len(paths)} H.264 clips ({a.frames} frames, {h}x{w}, {a.fps} fps) -> {a.out}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vmae-shards", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("manifest", help="list the videos of a folder as a JSONL manifest")
+    m.add_argument("folder", help="folder to scan recursively")
+    m.add_argument("--out", required=True, help="manifest to write (.jsonl)")
+    m.add_argument("--source", help="source name for every row (default: the folder's name)")
+    m.add_argument("--labels-from-dirs", action="store_true",
+                   help="label = index of the clip's parent folder name, sorted (root/<class>/<clip>)")
+    m.add_argument("--all-files", action="store_true",
+                   help="list every file, not only video extensions (the build then reports non-videos)")
+
+    h = sub.add_parser("hybrid", help="mix per-source manifests into one shuffled manifest",
+                       description="Default weights are the paper's UnlabeledHybrid shares: " +
+                       ", ".join(f"{k} {v:.3f}" for k, v in PAPER_WEIGHTS.items()))
+    h.add_argument("--source", action="append", required=True, metavar="NAME=MANIFEST",
+                   help="one per source (repeat); CSV, TSV, JSONL or the authors' plain lists")
+    h.add_argument("--weight", action="append", default=[], metavar="NAME=W",
+                   help="override a source's weight (needed for names without a paper default)")
+    h.add_argument("--total", type=int, help="rows in the mix (default: all clips of all sources)")
+    h.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    h.add_argument("--format", choices=FORMATS, default="auto", help="manifest format (default: by suffix)")
+    h.add_argument("--out", required=True, help="mixed manifest to write (.jsonl)")
+
+    b = sub.add_parser("build", help="turn a manifest into prefix-%%06d.tar shards plus index.json",
+                       description="Trial-decodes every clip; bad ones go to errors.jsonl with the reason. "
+                       "Rerun the same command after a crash to finish the build (finished shards are kept).")
+    b.add_argument("--manifest", required=True, help="CSV, TSV, JSONL or authors' list")
+    b.add_argument("--out", required=True, help="output folder for shards, index.json, errors.jsonl")
+    b.add_argument("--format", choices=FORMATS, default="auto", help="manifest format (default: by suffix)")
+    b.add_argument("--root", help="folder that relative paths are under (default: the manifest's folder)")
+    b.add_argument("--prefix", default="shard", help="shard name prefix (default 'shard')")
+    b.add_argument("--shard-size", type=int, default=1000, help="manifest rows per shard (default 1000)")
+    b.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="processes decoding / re-encoding clips (default: CPU count - 1)")
+    b.add_argument("--reencode", action="store_true",
+                   help="re-encode to H.264 with short side --short-side and a keyframe every --keyint "
+                   "frames (fast seeking in the loader); default: copy the original bytes")
+    b.add_argument("--short-side", type=int, default=320, help="re-encode: short side in pixels (default 320)")
+    b.add_argument("--keyint", type=int, default=16, help="re-encode: keyframe interval (default 16)")
+    b.add_argument("--crf", type=int, default=23, help="re-encode: x264 quality, lower is better (default 23)")
+    b.add_argument("--min-frames", type=int, default=16,
+                   help="skip clips with fewer frames than this as too short (default 16)")
+    b.add_argument("--shuffle-seed", type=int, help="shuffle rows with this seed before sharding")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    for name, text in (("verify", "check shards: tar integrity, keys, decoding, counts (exit 1 on damage)"),
+                       ("stats", "describe shards: counts per source, duration / resolution histograms")):
+        c = sub.add_parser(name, help=text, description=text)
+        c.add_argument("dir", help="shard folder (made by vmae-shards build)")
+        c.add_argument("--decode", type=int, default=1 if name == "verify" else 0,
+                       help="samples per shard to trial-decode; -1 = all (default: %(default)s)")
+        c.add_argument("--plot", help="PNG for the histograms (default: DIR/stats.png)")
+        c.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("synth", help="write small synthetic H.264 clips (tests, demos)")
+    s.add_argument("--out", required=True, help="folder for the clips")
+    s.add_argument("--n", type=int, default=16, help="number of clips (default 16)")
+    s.add_argument("--frames", type=int, default=40, help="frames per clip (default 40)")
+    s.add_argument("--size", default="96x128", help="HxW, even numbers (default 96x128)")
+    s.add_argument("--fps", type=int, default=25, help="frame rate (default 25)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the first clip (default 0)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    commands = {"manifest": _cmd_manifest, "hybrid": _cmd_hybrid, "build": _cmd_build, "synth": _cmd_synth,
+                "verify": lambda x: _cmd_check(x, True), "stats": lambda x: _cmd_check(x, False)}
+    try:
+        return commands[a.cmd](a)
+    except (ManifestError, BuildError, argparse.ArgumentTypeError, ValueError) as e:
+        print(f"vmae-shards {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

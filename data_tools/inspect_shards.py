@@ -1,0 +1,186 @@
+"""`verify` and `stats`: read every shard end to end and report integrity, keys, decodability and histograms."""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_tools.build import INDEX
+from data_tools.clipcheck import BadClip, decode_sample_check
+from data_tools.manifest import VIDEO_EXTS
+
+SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+VIDEO_EXT_SET = {e.lstrip(".") for e in VIDEO_EXTS}
+
+
+@dataclass
+class Report:
+    shards: int = 0
+    damaged: list[str] = field(default_factory=list)  # one line per problem, naming the shard/key
+    samples: int = 0
+    decoded: int = 0
+    per_source: Counter = field(default_factory=Counter)
+    durations: list[float] = field(default_factory=list)
+    resolutions: Counter = field(default_factory=Counter)
+    fps: Counter = field(default_factory=Counter)
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged
+
+
+def _shard_list(folder: Path, problems: list[str]) -> tuple[list[Path], dict | None]:
+    tars = sorted(folder.glob("*.tar"))
+    index_path = folder / INDEX
+    if not index_path.exists():
+        problems.append(f"{index_path}: missing (not built by vmae-shards build, or build not finished)")
+        return tars, None
+    try:
+        index = json.loads(index_path.read_text())
+        listed = [folder / s["file"] for s in index["shards"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        problems.append(f"{index_path}: unreadable index ({e})")
+        return tars, None
+    for p in listed:
+        if not p.exists():
+            problems.append(f"{p.name}: listed in {INDEX} but missing")
+    for p in sorted(set(tars) - set(listed)):
+        problems.append(f"{p.name}: shard not listed in {INDEX}")
+    return sorted(set(tars) | {p for p in listed if p.exists()}), index
+
+
+def _read_shard(path: Path, report: Report, seen: dict[str, str], decode_n: int) -> int:
+    """Read a whole shard; record problems; return its sample count."""
+    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
+    order: list[str] = []
+    try:
+        with tarfile.open(path, mode="r|") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                name = m.name.rsplit("/", 1)[-1]
+                key, _, ext = name.partition(".")
+                data = tar.extractfile(m).read()
+                if key not in samples:
+                    order.append(key)
+                if ext in samples[key]:
+                    report.damaged.append(f"{path.name}: key {key!r} has two '{ext}' members")
+                samples[key][ext] = data
+    except (tarfile.TarError, OSError, EOFError) as e:
+        report.damaged.append(f"{path.name}: tar damaged ({e}) after {len(order)} samples")
+    n = 0
+    for key in order:
+        parts = samples[key]
+        if not SAFE_KEY.match(key):
+            report.damaged.append(f"{path.name}: unsafe key {key!r} (only letters, digits, '_' and '-')")
+        if key in seen:
+            report.damaged.append(f"{path.name}: key {key!r} also in {seen[key]}")
+        seen[key] = path.name
+        videos = [e for e in parts if e in VIDEO_EXT_SET]
+        if len(videos) != 1 or "json" not in parts:
+            report.damaged.append(f"{path.name}: key {key!r} has members {sorted(parts)}; "
+                                  "expected one video and one json")
+            continue
+        try:
+            meta = json.loads(parts["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            report.damaged.append(f"{path.name}: key {key!r}: bad json ({e})")
+            continue
+        if n < decode_n:
+            try:
+                decode_sample_check(parts[videos[0]])
+                report.decoded += 1
+            except BadClip as e:
+                report.damaged.append(f"{path.name}: key {key!r}: {e}")
+        n += 1
+        report.per_source[str(meta.get("source", "unknown"))] += 1
+        if meta.get("duration") is not None:
+            report.durations.append(float(meta["duration"]))
+        if meta.get("width") and meta.get("height"):
+            report.resolutions[f"{meta['width']}x{meta['height']}"] += 1
+        if meta.get("fps"):
+            report.fps[round(float(meta["fps"]), 2)] += 1
+    return n
+
+
+def inspect(folder: str | Path, decode_per_shard: int = 1, progress: bool = True) -> Report:
+    """Check every shard in `folder` against its index. decode_per_shard < 0 decodes every sample."""
+    folder = Path(folder)
+    report = Report()
+    if not folder.is_dir():
+        report.damaged.append(f"{folder}: not a folder")
+        return report
+    shards, index = _shard_list(folder, report.damaged)
+    counts = {s["file"]: s["samples"] for s in index["shards"]} if index else {}
+    seen: dict[str, str] = {}
+    decode_n = 1 << 62 if decode_per_shard < 0 else decode_per_shard
+    for path in tqdm(shards, unit="shard", desc="verify", disable=not progress):
+        report.shards += 1
+        n = _read_shard(path, report, seen, decode_n)
+        report.samples += n
+        if path.name in counts and counts[path.name] != n:
+            report.damaged.append(f"{path.name}: {n} readable samples, index says {counts[path.name]}")
+    if index and report.samples != index.get("total_samples"):
+        report.damaged.append(f"{INDEX}: total_samples {index.get('total_samples')} but found {report.samples}")
+    if not shards:
+        report.damaged.append(f"{folder}: no .tar shards")
+    return report
+
+
+def _hist_lines(values: list[float], bins: int = 10, width: int = 40) -> list[str]:
+    if not values:
+        return ["  (none)"]
+    lo, hi = min(values), max(values)
+    if hi == lo:
+        return [f"  {lo:8.2f}          {len(values):>8} {'#' * width}"]
+    step = (hi - lo) / bins or 1.0
+    counts = Counter(min(int((v - lo) / step), bins - 1) for v in values)
+    top = max(counts.values())
+    return [f"  {lo + i * step:8.2f}-{lo + (i + 1) * step:<8.2f} {counts.get(i, 0):>8} "
+            f"{'#' * round(width * counts.get(i, 0) / top)}" for i in range(bins)]
+
+
+def format_report(report: Report) -> str:
+    lines = [f"shards: {report.shards}  samples: {report.samples}  decode-checked: {report.decoded}  "
+             f"problems: {len(report.damaged)}", "per source:"]
+    for src, n in sorted(report.per_source.items()):
+        lines.append(f"  {src:<16}{n:>9}  {100 * n / max(report.samples, 1):5.1f}%")
+    lines.append("duration (s):")
+    lines += _hist_lines(report.durations)
+    lines.append("resolution (WxH), most common:")
+    lines += [f"  {r:<12}{n:>9}" for r, n in report.resolutions.most_common(10)]
+    lines.append("fps, most common: " + ", ".join(f"{f:g} ({n})" for f, n in report.fps.most_common(5)))
+    lines += [f"DAMAGED {p}" for p in report.damaged]
+    lines.append("OK" if report.ok else f"FAILED: {len(report.damaged)} problem(s)")
+    return "\n".join(lines)
+
+
+def plot_report(report: Report, path: str | Path) -> Path:
+    """Duration, resolution and per-source histograms in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].hist(report.durations or [0], bins=30, color="tab:blue")
+    axes[0].set(title="clip duration", xlabel="seconds", ylabel="clips")
+    res = report.resolutions.most_common(12)
+    axes[1].bar([r for r, _ in res], [n for _, n in res], color="tab:orange")
+    axes[1].set(title="resolution (most common)", ylabel="clips")
+    axes[1].tick_params(axis="x", rotation=45)
+    src = sorted(report.per_source.items())
+    axes[2].bar([s for s, _ in src], [n for _, n in src], color="tab:green")
+    axes[2].set(title="clips per source", ylabel="clips")
+    fig.suptitle(f"{report.samples} samples in {report.shards} shards")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
