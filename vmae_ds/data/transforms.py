@@ -1,0 +1,107 @@
+"""Temporal sampling and spatial augmentation on uint8 tensors (no float on the CPU), plus GPU normalisation.
+
+Spatial crops follow the authors' GroupMultiScaleCrop (TSN style): crop sides drawn from scales x short
+side with |i - j| <= 1 between the height and width scale (so aspect ratio varies a little), sides
+within 3 px of the output snapped to it, the offset chosen from 13 fixed positions, then a bilinear
+resize to input_size x input_size. No flip in pretraining.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _randint(n: int, gen: torch.Generator) -> int:
+    return int(torch.randint(0, n, (1,), generator=gen)) if n > 1 else 0
+
+
+def clip_indices(start: int, end: int, num_frames: int, stride: int, offset: int) -> list[int]:
+    """num_frames indices from `start + offset`, `stride` apart, clamped to the window's last frame."""
+    return [min(start + offset + i * stride, end - 1) for i in range(num_frames)]
+
+
+def train_indices(start: int, end: int, num_frames: int, stride: int, gen: torch.Generator) -> list[int]:
+    """Random start over all positions where the whole span fits (start 0 and clamping if none does)."""
+    span = (num_frames - 1) * stride + 1
+    return clip_indices(start, end, num_frames, stride, _randint(max(end - start - span + 1, 1), gen))
+
+
+def eval_indices(start: int, end: int, num_frames: int, stride: int, num_clips: int) -> list[list[int]]:
+    """num_clips evenly spaced clips over the window (test-time temporal views)."""
+    span = (num_frames - 1) * stride + 1
+    room = max(end - start - span, 0)
+    offs = [room // 2] if num_clips == 1 else [round(c * room / (num_clips - 1)) for c in range(num_clips)]
+    return [clip_indices(start, end, num_frames, stride, o) for o in offs]
+
+
+def multiscale_crop_box(h: int, w: int, size: int, scales: tuple[float, ...],
+                        gen: torch.Generator) -> tuple[int, int, int, int]:
+    """(top, left, crop_h, crop_w) as in GroupMultiScaleCrop(max_distort=1, fix_crop, more_fix_crop)."""
+    base = min(h, w)
+    sides = [int(base * s) for s in scales]
+    sides = [size if abs(s - size) < 3 else s for s in sides]
+    pairs = [(sh, sw) for i, sh in enumerate(sides) for j, sw in enumerate(sides) if abs(i - j) <= 1]
+    ch, cw = pairs[_randint(len(pairs), gen)]
+    ch, cw = min(ch, h), min(cw, w)
+    hs, ws = (h - ch) // 4, (w - cw) // 4
+    offsets = [(0, 0), (0, 4 * ws), (4 * hs, 0), (4 * hs, 4 * ws), (2 * hs, 2 * ws),
+               (2 * hs, 0), (2 * hs, 4 * ws), (4 * hs, 2 * ws), (0, 2 * ws),
+               (hs, ws), (hs, 3 * ws), (3 * hs, ws), (3 * hs, 3 * ws)]
+    top, left = offsets[_randint(len(offsets), gen)]
+    return top, left, ch, cw
+
+
+def crop_resize(frames: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """frames uint8 (T, 3, H, W) -> uint8 (3, T, size, size). Bilinear, antialiased, uint8 kernels."""
+    top, left, ch, cw = box
+    x = frames[:, :, top:top + ch, left:left + cw]
+    if (ch, cw) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x.permute(1, 0, 2, 3)
+
+
+def to_tchw(frames_thwc) -> torch.Tensor:
+    """Decoder output (T, H, W, 3) uint8 numpy -> (T, 3, H, W) tensor view (no copy)."""
+    return torch.from_numpy(frames_thwc).permute(0, 3, 1, 2)
+
+
+def resize_short_side(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (T, 3, H, W) with the short side scaled to `size`, aspect ratio kept."""
+    h, w = frames.shape[-2:]
+    scale = size / min(h, w)
+    th, tw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (th, tw) == (h, w):
+        return frames
+    return F.interpolate(frames, size=(th, tw), mode="bilinear", align_corners=False, antialias=True)
+
+
+def spatial_views(frames: torch.Tensor, size: int, num_crops: int) -> list[torch.Tensor]:
+    """Test-time crops: short side -> size, then num_crops squares spread along the long side (3 = l/c/r)."""
+    x = resize_short_side(frames, size)
+    h, w = x.shape[-2:]
+    views = []
+    for k in range(num_crops):
+        frac = 0.5 if num_crops == 1 else k / (num_crops - 1)
+        if h > w:
+            top, left = round((h - size) * frac), (w - size) // 2
+        else:
+            top, left = (h - size) // 2, round((w - size) * frac)
+        views.append(x[:, :, top:top + size, left:left + size].permute(1, 0, 2, 3))
+    return views
+
+
+def normalize_on_device(video_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B, 3, T, H, W) on any device -> ImageNet-normalised float `dtype`, same shape.
+
+    Move the uint8 batch to the GPU first (4x fewer bytes over PCIe), then call this there.
+    """
+    if video_uint8.dtype != torch.uint8 or video_uint8.dim() != 5 or video_uint8.shape[1] != 3:
+        raise ValueError(f"expected uint8 (B, 3, T, H, W), got {video_uint8.dtype} {tuple(video_uint8.shape)}")
+    dev = video_uint8.device
+    mean = torch.tensor(IMAGENET_MEAN, device=dev, dtype=torch.float32).view(1, 3, 1, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=dev, dtype=torch.float32).view(1, 3, 1, 1, 1) * 255
+    return ((video_uint8.float() - mean) / std).to(dtype)
