@@ -22,7 +22,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import webdataset as wds
 from tqdm import tqdm
 
 from data_tools.clipcheck import ClipResult, ClipSettings, process_clip
@@ -88,6 +87,8 @@ class _ShardWriter:
     def __init__(self, out: Path, name: str):
         self.final = out / f"{name}.tar"
         self.tmp = out / f"{name}.tar.tmp"
+        import webdataset as wds  # imported here: it pulls in torch, which the other commands never need
+
         self.file = open(self.tmp, "wb")
         self.tar = wds.TarWriter(self.file, encoder=False, mtime=0.0)  # fixed mtime: reproducible bytes
 

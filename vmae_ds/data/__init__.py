@@ -1,8 +1,11 @@
 """WebDataset video loading for VideoMAE V2: pretraining stream, fine-tuning and test-time views."""
 
 from vmae_ds.data.config import DataConfig
+from vmae_ds.data.finetune import EvalLoader, build_finetune_loader
 from vmae_ds.data.loader import PretrainLoader, build_pretrain_loader, default_mask_fn, token_grid
 from vmae_ds.data.transforms import normalize_on_device
 
-__all__ = ["DataConfig", "PretrainLoader", "build_pretrain_loader", "default_mask_fn", "normalize_on_device",
-           "token_grid"]
+__all__ = [
+    "DataConfig", "EvalLoader", "PretrainLoader", "build_finetune_loader", "build_pretrain_loader",
+    "default_mask_fn", "normalize_on_device", "token_grid",
+]

@@ -68,7 +68,7 @@ class ShardReader:
         mine = order[g::total] or [order[g % len(order)]]
         return self.urls[mine[chunk % len(mine)]]
 
-    def _samples(self, url: str, pos: dict) -> Iterator[dict]:
+    def samples(self, url: str, pos: dict) -> Iterator[dict]:
         name = url.rsplit("/", 1)[-1]
         try:
             with wds.gopen(url, "rb") as stream:
@@ -85,7 +85,7 @@ class ShardReader:
         while True:
             if self._open != (pos["epoch"], pos["chunk"]):
                 url = self.shard_for(pos["epoch"], pos["chunk"])
-                self._it, self._open = self._samples(url, pos), (pos["epoch"], pos["chunk"])
+                self._it, self._open = self.samples(url, pos), (pos["epoch"], pos["chunk"])
                 for _ in range(pos["offset"]):  # resume: skip consumed samples, no decoding
                     if next(self._it, None) is None:
                         break
