@@ -1,0 +1,150 @@
+"""One real training step per benchmark cell: forward, loss, backward, AdamW step; timed and measured."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from vmae_ds.losses import pixel_target, reconstruction_loss
+from vmae_ds.masking import TokenGrid, make_masks
+from vmae_ds.models import PretrainVideoMAE, create_pretrain_model
+
+from .saved_tensors import SavedTensorCounter
+
+MASKINGS = ("encoder_only", "dual")
+CKPT = ("off", "on")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid: size x masking x kernel x checkpointing at a micro-batch."""
+
+    model: str  # alias: debug S B L H g
+    masking: str  # encoder_only (decoder sees all encoder-hidden tokens) | dual (running cell 50%)
+    kernel: str  # math | sdpa | flash_attn
+    ckpt: str  # off | on (every encoder and decoder block, as the official code does)
+    batch: int
+    num_frames: int | None = None  # None: the model's own 16 frames
+
+    @property
+    def decoder_mask(self) -> str:
+        return "none" if self.masking == "encoder_only" else "running_cell"
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}/{self.masking}/{self.kernel}/ckpt-{self.ckpt}/b{self.batch}"
+
+    def overrides(self) -> dict:
+        return {} if self.num_frames is None else {"num_frames": self.num_frames}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plain_checkpoint(fn, *args: torch.Tensor) -> torch.Tensor:
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+def build_model(cell: Cell, device: torch.device | str) -> PretrainVideoMAE:
+    model = create_pretrain_model(cell.model, attention=cell.kernel, **cell.overrides()).to(device)
+    model.set_activation_checkpointing("full" if cell.ckpt == "on" else "none", fn=plain_checkpoint)
+    return model.train()
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    # The official recipe's AdamW; fused on CUDA so the optimizer is not the bottleneck of the step.
+    on_cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=on_cuda)
+
+
+def make_batch(model: PretrainVideoMAE, cell: Cell, batch: int, device: torch.device | str,
+               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Random normalised video and (encoder, decoder) masks; masks are drawn on the CPU then moved."""
+    t, h, w = model.grid
+    p, tub = model.patch_size, model.tubelet_size
+    gen = torch.Generator().manual_seed(seed)
+    enc, dec = make_masks("tube", 0.9, cell.decoder_mask, 0.5, batch, TokenGrid(t, h, w), generator=gen)
+    video = torch.randn(batch, 3, t * tub, h * p, w * p, generator=gen)
+    return video.to(device), enc.to(device), None if dec is None else dec.to(device)
+
+
+def forward_loss(model: PretrainVideoMAE, video: torch.Tensor, enc: torch.Tensor, dec: torch.Tensor | None,
+                 amp: torch.dtype | None) -> torch.Tensor:
+    """Autocast forward + loss (the loss itself runs in fp32, as `reconstruction_loss` casts)."""
+    with torch.autocast(video.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        pred = model(video, enc, dec)
+    target = pixel_target(video, model.patch_size, model.tubelet_size)
+    return reconstruction_loss(pred, target, enc, dec)
+
+
+def train_step(model: PretrainVideoMAE, opt: torch.optim.Optimizer, batch: tuple, amp: torch.dtype | None) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss = forward_loss(model, *batch, amp)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def count_saved(model: PretrainVideoMAE, batch: tuple, amp: torch.dtype | None) -> SavedTensorCounter:
+    """Saved-for-backward bytes of one forward + loss (checkpoint inputs included), then backward."""
+    ckpt_on = model.encoder.num_ckpt_blocks > 0
+    buffers = [*model.parameters(), *model.buffers()]
+    with SavedTensorCounter(buffers) as counter:
+        if ckpt_on:
+            model.set_activation_checkpointing("full", fn=counter.checkpoint_fn)
+        loss = forward_loss(model, *batch, amp)
+    if ckpt_on:
+        model.set_activation_checkpointing("full", fn=plain_checkpoint)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter
+
+
+def timed_steps(model: PretrainVideoMAE, opt: torch.optim.Optimizer, batch: tuple, amp: torch.dtype | None,
+                warmup: int, steps: int) -> list[float]:
+    """Seconds per step after `warmup` untimed steps: CUDA events on GPU, perf_counter on CPU."""
+    cuda = batch[0].is_cuda
+    for _ in range(warmup):
+        train_step(model, opt, batch, amp)
+    times = []
+    for _ in range(steps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            train_step(model, opt, batch, amp)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            loss = train_step(model, opt, batch, amp)
+            float(loss)  # forces completion; CPU ops are synchronous anyway
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure_cell(cell: Cell, device: torch.device, amp: torch.dtype | None, warmup: int, steps: int) -> dict:
+    """Step-time median, saved bytes (exact) and, on CUDA, peak allocated bytes of one cell."""
+    torch.manual_seed(0)
+    model = build_model(cell, device)
+    opt = make_optimizer(model)
+    batch = make_batch(model, cell, cell.batch, device)
+    saved = count_saved(model, batch, amp)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = timed_steps(model, opt, batch, amp, warmup, steps)
+    med = statistics.median(times)
+    out = {"step_times_s": times, "step_time_s": med, "time_per_clip_s": med / cell.batch,
+           "clips_per_s": cell.batch / med, "saved_activation_bytes": saved.activation_bytes,
+           "saved_param_bytes": saved.param_bytes, "kernel_used": model.kernel.used}
+    if device.type == "cuda":
+        out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    del model, opt, batch
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
