@@ -210,6 +210,17 @@ def test_learned_pos_embed_is_resampled_to_the_model_grid(tmp_path, over, src_gr
     assert any("resampled" in a for a in report.adapted)
 
 
+def test_position_table_of_unknown_grid_needs_source_grid(tmp_path):
+    sd = _randomize(create_classifier(NAME, num_classes=2)).state_dict()
+    sd["pos_embed"] = _ramp((2, 3, 4), 48)  # 24 rows: neither 4x4 frames nor a square grid
+    save_file(sd, tmp_path / "odd.safetensors")
+    model = create_classifier(NAME, num_classes=2)
+    with pytest.raises(CheckpointError, match=r"odd\.safetensors: .*24-row position table.*source_grid"):
+        load_pretrained(model, tmp_path / "odd.safetensors")
+    load_pretrained(model, tmp_path / "odd.safetensors", source_grid=(2, 3, 4))
+    torch.testing.assert_close(model.pos_embed, _ramp(model.grid, 48), rtol=0, atol=1e-5)
+
+
 def test_saved_sinusoid_table_is_dropped(tmp_path):
     sd = dict(_official().state_dict(), **{"encoder.pos_embed": sinusoid_table(32, 48)})
     torch.save({"model": sd}, tmp_path / "with_table.pth")
@@ -225,6 +236,10 @@ def test_tubelet_mismatch_errors_unless_inflated(tmp_path):
     save_file(sd, tmp_path / "tubelet1.safetensors")
     with pytest.raises(CheckpointError, match="tubelet size 1 .* inflate_patch_embed=True"):
         load_pretrained(create_pretrain_model(NAME), tmp_path / "tubelet1.safetensors", strict=False)
+    image = dict(sd, **{"encoder.patch_embed.proj.weight": sd["encoder.patch_embed.proj.weight"][:, :, 0]})
+    save_file(image, tmp_path / "image.safetensors")
+    with pytest.raises(CheckpointError, match=r"2-D \(image\) patch embedding"):
+        load_pretrained(create_pretrain_model(NAME), tmp_path / "image.safetensors", strict=False)
     model = create_pretrain_model(NAME)
     report = load_pretrained(model, tmp_path / "tubelet1.safetensors", strict=False, inflate_patch_embed=True)
     assert any("inflated" in a for a in report.adapted)

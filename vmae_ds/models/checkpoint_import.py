@@ -286,12 +286,19 @@ def load_pretrained(model: nn.Module, path: str | Path, *, strict: bool = True,
         raise TypeError(f"load_pretrained supports PretrainVideoMAE and VideoEncoder/VideoClassifier, "
                         f"got {type(model).__name__}")
     try:
-        raw, notes = read_state_dict(path)
-        ignored: list[str] = []
-        adapted: list[str] = []
-        canon, kind = _canonical(raw, adapted)
-    except CheckpointError as e:
-        raise CheckpointError(e.args[0] if str(path) in e.args[0] else f"{path}: {e.args[0]}") from e
+        return _load(model, path, strict, inflate_patch_embed, source_grid)
+    except CheckpointError as e:  # every error names the file
+        if str(path) in e.args[0]:
+            raise
+        raise CheckpointError(f"{path}: {e.args[0]}") from e
+
+
+def _load(model: nn.Module, path: str | Path, strict: bool, inflate_patch_embed: bool,
+          source_grid: tuple[int, int, int] | None) -> LoadReport:
+    raw, notes = read_state_dict(path)
+    ignored: list[str] = []
+    adapted: list[str] = []
+    canon, kind = _canonical(raw, adapted)
     source_format = kind + (f" ({', '.join(notes)})" if notes else "")
 
     if not isinstance(model, PretrainVideoMAE):  # encoder keys without `encoder.`
