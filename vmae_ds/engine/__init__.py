@@ -1,0 +1,1 @@
+"""DeepSpeed pretraining engine: run config, DeepSpeed setup, optimisation, checkpoints, metrics, loop."""

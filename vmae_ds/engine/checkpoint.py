@@ -1,0 +1,113 @@
+"""Sharded DeepSpeed checkpoints with our own completion pointer.
+
+Layout: <run>/checkpoints/step_00000100/ (DeepSpeed's files + rank_XXXXX.pt per rank + config.yaml),
+and <run>/checkpoints/latest_complete naming the newest checkpoint that every rank finished writing.
+DeepSpeed's own `latest` file can be written before all ranks are done, so resume never reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+POINTER = "latest_complete"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new pointer, never half
+
+
+def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, config_yaml: str,
+         keep_last: int) -> Path:
+    """Collective: every rank must call it. Returns the checkpoint folder."""
+    tag = tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    folder = ckpt_dir / tag
+    rank = dist.get_rank()
+    torch.save(rank_state, folder / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        (folder / "config.yaml").write_text(config_yaml)
+    dist.barrier()  # all ranks' shards are on disk before the pointer moves
+    if rank == 0:
+        _write_atomic(ckpt_dir / POINTER, tag + "\n")
+        prune(ckpt_dir, keep_last)
+    dist.barrier()
+    return folder
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Checkpoint tags up to (and including) the pointer, oldest first."""
+    latest = read_pointer(ckpt_dir)
+    if latest is None:
+        return []
+    return sorted(p.name for p in ckpt_dir.glob("step_*") if p.is_dir() and p.name <= latest)
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (never an in-progress one)."""
+    for tag in complete_tags(ckpt_dir)[:-keep_last]:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+def read_pointer(ckpt_dir: Path) -> str | None:
+    try:
+        tag = (ckpt_dir / POINTER).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return tag if (ckpt_dir / tag).is_dir() else None
+
+
+def resolve_resume(arg: str | None, ckpt_dir: Path) -> Path | None:
+    """--resume: none -> None; auto -> newest complete checkpoint or None; else a checkpoint folder."""
+    if arg in (None, "", "none"):
+        return None
+    if arg == "auto":
+        tag = read_pointer(ckpt_dir)
+        return ckpt_dir / tag if tag else None
+    path = Path(arg)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {arg}: not a checkpoint folder")
+    return path
+
+
+def load(engine: Any, folder: Path) -> tuple[dict, dict]:
+    """Collective. Restores model/optimizer; returns (client_state, this rank's state)."""
+    _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    if client is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {folder}")
+    rank_file = folder / f"rank_{dist.get_rank():05d}.pt"
+    if not rank_file.exists():
+        raise RuntimeError(f"{rank_file} missing: was the checkpoint written with a different world size?")
+    rank_state = torch.load(rank_file, weights_only=False)
+    return client, rank_state

@@ -1,0 +1,75 @@
+"""DeepSpeed config: load the JSON, fill the values the run config owns, refuse contradictions.
+
+The run config is the single source of truth for batch sizes, precision, clipping and the optimizer;
+a DeepSpeed JSON may leave those as "auto" (or out). If it states them, they must agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError
+from .optim import Derived
+from .run_config import RunConfig
+
+AUTO = "auto"
+
+
+def load_ds_json(path: str | Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed_config: file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed_config {path}: not valid JSON ({e})") from None
+
+
+def _agree(ds: dict, key: str, want: Any, source: str, path: str) -> None:
+    """Fill `key` if absent/"auto", else demand equality (one-line error naming both sides)."""
+    have = ds.get(key, AUTO)
+    if have == AUTO:
+        ds[key] = want
+    elif have != want:
+        raise ConfigError(f"{path}: {key}={have!r} disagrees with the run config ({source} gives {want!r}); "
+                          f"set it to \"auto\" or change the run config")
+
+
+def resolve_ds_config(cfg: RunConfig, d: Derived, raw: dict | None = None) -> dict:
+    """The dict handed to `deepspeed.initialize` / `zero.Init`, validated against `cfg`."""
+    path = cfg.deepspeed_config
+    ds = copy.deepcopy(raw if raw is not None else load_ds_json(path))
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"{path}: remove the '{key}' section; the optimizer and lr schedule come from "
+                              f"the run config's optim section")
+    if ds.get("fp16", {}).get("enabled") in (True, AUTO):
+        raise ConfigError(f"{path}: fp16 is not supported (use precision: bf16 or fp32 in the run config)")
+    stage = ds.get("zero_optimization", {}).get("stage")
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 1, 2 or 3, got {stage!r}")
+
+    o = cfg.optim
+    micro = f"optim.batch_size {o.batch_size} x data.num_sample {cfg.data.num_sample}"
+    _agree(ds, "train_micro_batch_size_per_gpu", d.micro_batch_per_gpu, micro, path)
+    _agree(ds, "gradient_accumulation_steps", o.grad_accum, "optim.grad_accum", path)
+    _agree(ds, "train_batch_size", d.micro_batch_per_gpu * o.grad_accum * d.world_size,
+           f"{micro} x optim.grad_accum {o.grad_accum} x world size {d.world_size}", path)
+    _agree(ds, "gradient_clipping", o.clip_grad or 0.0, "optim.clip_grad", path)
+
+    bf16 = ds.setdefault("bf16", {})
+    _agree(bf16, "enabled", cfg.precision == "bf16", f"precision {cfg.precision}", path + " bf16")
+    ds.setdefault("steps_per_print", 10**9)  # our own metrics replace DeepSpeed's step logging
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds["zero_optimization"]["stage"])
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    dev = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return dev not in (None, "none")

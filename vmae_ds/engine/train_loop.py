@@ -1,0 +1,289 @@
+"""The pretraining loop: build (data, model under zero.Init, DeepSpeed engine), resume, train, checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from ..config import ConfigError
+from ..data import normalize_on_device
+from ..losses import pixel_target, reconstruction_loss
+from ..masking import TokenGrid
+from ..models import create_pretrain_model, get_spec
+from . import checkpoint as ckpt
+from .ds_setup import offloads_optimizer, resolve_ds_config, zero_stage
+from .metrics import (
+    PEAK_BF16_FLOPS,
+    MetricsWriter,
+    detect_device_name,
+    model_flops_per_clip,
+    peak_memory_gib,
+    progress_line,
+    say,
+)
+from .optim import Derived, derive, lr_at, param_groups
+from .run_config import RunConfig
+from .synthetic import SyntheticLoader
+
+EXIT_NONFINITE = 3
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, after the checkpoint is safely written
+
+
+class RunStopped(RuntimeError):
+    def __init__(self, msg: str, code: int):
+        super().__init__(msg)
+        self.code = code
+
+
+def world_from_env() -> tuple[int, int]:
+    """(rank, world size) as the launcher set them; valid before the process group exists."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def model_spec(cfg: RunConfig) -> Any:
+    sizes = {k: v for k, v in cfg.model.overrides().items() if k not in ("attention", "drop_path_rate")}
+    return get_spec(cfg.model.name, **sizes)
+
+
+def build_loader(cfg: RunConfig, rank: int, world: int) -> Any:
+    spec = model_spec(cfg)
+    grid = TokenGrid(spec.num_frames // spec.tubelet_size, spec.img_size // spec.patch_size,
+                     spec.img_size // spec.patch_size)
+    masks = cfg.masks.model_dump()
+    if cfg.data.kind == "synthetic":
+        s = cfg.data.synthetic
+        return SyntheticLoader(num_videos=s.num_videos, seed=s.seed + cfg.seed, frames=spec.num_frames,
+                               size=spec.img_size, grid=grid, batch_videos=cfg.optim.batch_size,
+                               num_sample=cfg.data.num_sample, rank=rank, world_size=world, masks=masks)
+    from ..data import build_pretrain_loader, default_mask_fn
+    mask_fn = default_mask_fn(grid, **masks)
+    return build_pretrain_loader(cfg.shards_config(), batch_size=cfg.optim.batch_size * cfg.data.num_sample,
+                                 rank=rank, world_size=world, seed=cfg.seed, mask_fn=mask_fn)
+
+
+def batches_per_epoch(cfg: RunConfig, loader: Any, world: int) -> int:
+    """Micro-batches one rank draws per epoch (the authors' epoch: every video once, before num_sample)."""
+    try:
+        return len(loader)
+    except TypeError:  # resampled shards stream forever: count the clips in the shard index instead
+        pass
+    from ..data.shards import resolve_shards
+    _, counts = resolve_shards(cfg.shards_config().shards)
+    if counts is None:
+        if cfg.optim.steps_per_epoch:
+            return cfg.optim.steps_per_epoch * cfg.optim.grad_accum
+        raise ConfigError("cannot count the clips in data.shards.shards (no index.json): set optim.steps_per_epoch")
+    return max(1, sum(counts) // (world * cfg.optim.batch_size))
+
+
+def prepare(cfg: RunConfig, loader: Any) -> tuple[Derived, dict]:
+    """Derived recipe values + the validated DeepSpeed dict (no process group needed: fails fast)."""
+    _, world = world_from_env()
+    d = derive(cfg.optim, world_size=world, num_sample=cfg.data.num_sample,
+               batches_per_epoch=batches_per_epoch(cfg, loader, world))
+    return d, resolve_ds_config(cfg, d)
+
+
+def endless(loader: Any) -> Iterator[dict]:
+    """Batches forever; an exact-epoch loader is simply iterated again (its state carries the position)."""
+    while True:
+        yield from loader
+
+
+def build_engine(cfg: RunConfig, ds: dict) -> Any:
+    import deepspeed
+
+    torch.manual_seed(cfg.seed)  # identical init on every rank (zero.Init also broadcasts rank 0's)
+    # Stage 3: parameters are partitioned as each module is built, so ViT-g never exists whole on one rank.
+    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage(ds) == 3):
+        model = create_pretrain_model(cfg.model.name, **cfg.model.overrides())
+    ac = cfg.activation_checkpointing
+    model.set_activation_checkpointing(ac.mode, ac.num_blocks)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    o = cfg.optim
+    if offloads_optimizer(ds):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        opt = DeepSpeedCPUAdam(groups, lr=o.base_lr, betas=o.betas, eps=o.eps, adamw_mode=True)
+    else:
+        opt = torch.optim.AdamW(groups, lr=o.base_lr, betas=o.betas, eps=o.eps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    return engine
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop agrees on it across ranks, checkpoints, and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+
+def gathered_state(engine: Any) -> dict[str, torch.Tensor]:
+    """Full fp32 parameters (gathered under ZeRO-3) on rank 0 (collective)."""
+    import deepspeed
+
+    params = dict(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=zero_stage(engine.config) == 3):
+        return {k: v.detach().float().cpu().clone() for k, v in params.items()}
+
+
+def train(cfg: RunConfig, resume: str | None) -> int:
+    """Run (or resume) pretraining; returns the process exit code."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    rank, world = world_from_env()
+    loader = build_loader(cfg, rank, world)
+    d, ds = prepare(cfg, loader)
+    on_cpu = get_accelerator().device_name() == "cpu"
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None)
+    run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
+    config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+        info = {"derived": dataclasses.asdict(d), "deepspeed_config": ds}
+        (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        for line in d.lines(cfg.optim.base_lr):
+            say(line)
+    engine = build_engine(cfg, ds)
+    device = engine.device
+
+    state = {"step": 0, "batches": 0, "nonfinite_total": 0}
+    folder = ckpt.resolve_resume(resume, ckpt_dir)
+    if folder is not None:
+        client, rank_state = ckpt.load(engine, folder)
+        if client["world_size"] != world:
+            raise RunStopped(f"{folder} was written by {client['world_size']} ranks, this run has {world}: "
+                             f"exact resume needs the same world size", 2)
+        state = dict(client["counters"])
+        loader.load_state_dict(rank_state["loader"])
+        ckpt.set_rng_state(rank_state["rng"])
+        if rank == 0:
+            say(f"resumed from {folder} at step {state['step']}")
+            for stale in ckpt_dir.glob("step_*"):  # half-written checkpoints of the killed run
+                if stale.name > folder.name:
+                    shutil.rmtree(stale, ignore_errors=True)
+    else:
+        torch.manual_seed(cfg.seed + rank)
+    last_ckpt = str(folder) if folder else "none"
+
+    metrics = MetricsWriter(run_dir, rank == 0, cfg.logging.tensorboard, state["step"])
+    flops = model_flops_per_clip(cfg)
+    dev_name = cfg.logging.device_name or detect_device_name()
+    peak = PEAK_BF16_FLOPS.get(dev_name) if dev_name else None
+    if rank == 0 and peak is None:
+        say(f"MFU: n/a (no peak-FLOPs entry for device {dev_name or get_accelerator().device_name()})")
+    stop_at = min(d.total_steps, cfg.optim.max_steps or d.total_steps)
+    preempt = _Preemption()
+    nan_batches = set(cfg.debug.nan_batches)
+    consecutive = 0
+    window = {"t": 0.0, "wait": 0.0, "loss": 0.0, "n": 0}
+
+    def save() -> None:
+        nonlocal last_ckpt
+        client = {"counters": dict(state), "epoch": state["step"] // d.steps_per_epoch, "world_size": world,
+                  "config": cfg.model_dump(mode="json"), "loader_rank0": loader.state_dict()}
+        rank_state = {"loader": loader.state_dict(), "rng": ckpt.rng_state()}
+        last_ckpt = str(ckpt.save(engine, ckpt_dir, state["step"], client, rank_state, config_yaml,
+                                  cfg.checkpoint.keep_last))
+
+    engine.train()
+    stream = endless(loader)  # created after load_state_dict: the loader starts where the checkpoint left it
+    try:
+        while state["step"] < stop_at:
+            step = state["step"]
+            lr = lr_at(step, d)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            t0, wait, losses, preempted = time.perf_counter(), 0.0, [], False
+            while len(losses) < cfg.optim.grad_accum:
+                tw = time.perf_counter()
+                batch = next(stream)
+                # uint8 over the bus, normalise on the device; the target uses fp32 pixels
+                video = normalize_on_device(batch["video"].to(device, non_blocking=True))
+                enc = batch["encoder_mask"].to(device)
+                dec = batch.get("decoder_mask")
+                dec = dec.to(device) if dec is not None else None
+                wait += time.perf_counter() - tw
+                state["batches"] += 1
+                target = pixel_target(video, engine.module.patch_size, engine.module.tubelet_size)
+                pred = engine(video.to(torch.bfloat16 if cfg.precision == "bf16" else torch.float32), enc, dec)
+                loss = reconstruction_loss(pred, target, enc, dec)
+                if state["batches"] in nan_batches and rank == 0:
+                    loss = loss * float("nan")  # test hook: rank 0 only, so ranks must agree via all_reduce
+                # one small all-reduce: the summed loss (NaN anywhere -> NaN) and the pre-emption flag
+                probe = torch.tensor([loss.item(), float(preempt.requested)], dtype=torch.float64, device=device)
+                dist.all_reduce(probe)
+                preempted = preempted or probe[1].item() > 0
+                if not torch.isfinite(probe[0]):
+                    # skip: no backward, no step; DeepSpeed's accumulation window simply waits for the next batch
+                    state["nonfinite_total"] += 1
+                    consecutive += 1
+                    if rank == 0:
+                        say(f"non-finite loss at step {step + 1} (batch {state['batches']}): skipped "
+                            f"({consecutive} in a row, {state['nonfinite_total']} in all)")
+                    if consecutive >= cfg.max_consecutive_nonfinite:
+                        raise RunStopped(f"stopping: {consecutive} non-finite losses in a row at step {step + 1}; "
+                                         f"last complete checkpoint: {last_ckpt}", EXIT_NONFINITE)
+                    continue
+                consecutive = 0
+                engine.backward(loss)
+                engine.step()
+                losses.append(probe[0].item() / world)
+            state["step"] = step = step + 1
+            dt = time.perf_counter() - t0
+            gn = engine.get_global_grad_norm()
+            window["t"] += dt
+            window["wait"] += wait
+            window["loss"] += sum(losses) / len(losses)
+            window["n"] += 1
+            clips_s = d.samples_per_step / dt
+            mem, mem_kind = peak_memory_gib()
+            rec = {"step": step, "epoch": (step - 1) // d.steps_per_epoch, "loss": sum(losses) / len(losses),
+                   "lr": lr, "grad_norm": float(gn) if gn is not None else None, "step_time": dt,
+                   "clips_per_s": clips_s, "data_wait": wait / dt, "peak_mem_gib": mem, "mem_kind": mem_kind,
+                   "mfu": flops * clips_s / (world * peak) if flops and peak else None,
+                   "nonfinite_total": state["nonfinite_total"]}
+            metrics.record(rec)
+            if rank == 0 and (step % cfg.logging.every_steps == 0 or step == stop_at or step == 1):
+                w = window
+                avg = dict(rec, loss=w["loss"] / w["n"], clips_per_s=d.samples_per_step * w["n"] / w["t"],
+                           data_wait=w["wait"] / w["t"])
+                avg["mfu"] = flops * avg["clips_per_s"] / (world * peak) if flops and peak else None
+                say(progress_line(avg, stop_at))
+                window = {"t": 0.0, "wait": 0.0, "loss": 0.0, "n": 0}
+            if step % cfg.checkpoint.every_steps == 0 or step == stop_at or preempted:
+                save()
+            if preempted:
+                raise RunStopped(f"pre-empted (SIGTERM): checkpoint {last_ckpt} written at step {step}; "
+                                 f"continue with --resume auto", EXIT_PREEMPTED)
+            if cfg.debug.step_sleep_s:
+                time.sleep(cfg.debug.step_sleep_s)
+        if cfg.debug.dump_gathered:
+            full = gathered_state(engine)
+            if rank == 0:
+                torch.save(full, cfg.debug.dump_gathered)
+        if rank == 0:
+            say(f"done: {state['step']} steps, {state['nonfinite_total']} non-finite skipped; "
+                f"last checkpoint {last_ckpt}")
+        return 0
+    except RunStopped as e:
+        if rank == 0:
+            say(str(e))
+        return e.code
+    finally:
+        metrics.close()
