@@ -314,7 +314,7 @@ def _load(model: nn.Module, path: str | Path, strict: bool, inflate_patch_embed:
 
     # position tables are non-persistent buffers: handled here, not by load_state_dict
     buffers = dict(model.named_buffers())
-    tables = {}
+    tables: dict[str, torch.Tensor] = {}
     for k in [k for k in sd if k.endswith("pos_embed") and k in buffers]:
         fitted = _fit_pos_embed(k, sd.pop(k), buffers[k], model.grid, source_grid, ignored, adapted)
         if fitted is not None:
