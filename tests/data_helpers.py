@@ -64,7 +64,7 @@ def make_corpus(root: Path) -> Corpus:
     write_video(bad_dir / "short.mp4", frames=8, size=(48, 64), fps=25, seed=7)
     bad = {name: bad_dir / name for name in BAD_REASONS}
     # Bad rows are spread between good ones, so several shards hold skipped rows.
-    for k, (name, path) in enumerate(bad.items()):
+    for k, path in enumerate(bad.values()):
         rows.insert(3 * k + 1, ClipRow(path=str(path), source="k710"))
     write_manifest(rows, root / "manifest.jsonl")
     (root / "corpus.json").write_text(json.dumps({"good": [str(p) for p in good],
@@ -118,6 +118,14 @@ def write_shard_with_bad_samples(good_shard: Path, out: Path) -> tuple[Path, int
             if i == 1:
                 w.write({"__key__": bad_keys[1], "mp4": s["mp4"], "json": b"{not json"})
     return out, len(samples), bad_keys
+
+
+def shared_dir(tmp_path_factory, name: str, create: bool = True) -> Path:
+    """A folder shared by all data test modules of this session (corpus and shards are built once)."""
+    path = tmp_path_factory.getbasetemp() / name
+    if create:
+        path.mkdir(exist_ok=True)
+    return path
 
 
 def copy_tree(src: Path, dst: Path) -> Path:

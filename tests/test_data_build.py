@@ -7,21 +7,21 @@ import os
 import tarfile
 
 import pytest
-from data_helpers import BAD_REASONS, build, copy_tree, make_corpus, run_cli, sample_keys
+from data_helpers import BAD_REASONS, build, copy_tree, make_corpus, run_cli, sample_keys, shared_dir
 
-from data_tools.build import CRASH_ENV, SETTINGS, BuildError, build_shards
+from data_tools.build import CRASH_ENV, BuildError, build_shards
 from data_tools.clipcheck import ClipSettings, sample_key
 from data_tools.inspect_shards import SAFE_KEY, inspect
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
+    return make_corpus(shared_dir(tmp_path_factory, "data_corpus"))
 
 
 @pytest.fixture(scope="module")
 def shards(corpus, tmp_path_factory):
-    return build(corpus, tmp_path_factory.mktemp("build") / "shards")
+    return build(corpus, shared_dir(tmp_path_factory, "data_shards", create=False))
 
 
 def test_counts_reconcile_and_every_bad_file_is_reported(corpus, shards):
