@@ -45,6 +45,19 @@ def test_pretrain_flops_match_flop_counter(name, over, decoder_mode):
     assert fb.macs * 2 == fb.total and fb.total == fb.encoder + fb.decoder + fb.head
 
 
+@pytest.mark.parametrize("decoder_mode", ["running_cell", "none"])
+def test_random_encoder_mask_matches_flop_counter(decoder_mode):
+    over = {"num_frames": 4, "img_size": 48}  # 2 x 6 x 6 = 72 tokens
+    spec = get_spec("vit_tiny_debug", **over)
+    model = create_pretrain_model("vit_tiny_debug", attention="math", **over).eval()
+    enc, dec = make_masks("random", 0.8, decoder_mode, 0.5, 2, TokenGrid(*model.grid))
+    with torch.no_grad():
+        measured = _counted(lambda: model(torch.randn(2, 3, 4, 48, 48), enc, dec))
+    fb = pretrain_flops(spec, decoder_mode=decoder_mode, encoder_ratio=0.8, encoder_mask="random")
+    assert measured == 2 * fb.total
+    assert fb != pretrain_flops(spec, decoder_mode=decoder_mode, encoder_ratio=0.8)  # 15 vs 16 visible
+
+
 @pytest.mark.parametrize("name,over", CASES)
 def test_parts_match_flop_counter(name, over):
     """Encoder / decoder / head split is right too (each part measured on its own module)."""

@@ -66,18 +66,23 @@ def block_flops(tokens: int, dim: int, mlp_hidden: int, attention_included: bool
     return linear + attention
 
 
-def encoder_visible_tokens(spec: ModelSpec, encoder_ratio: float) -> int:
-    """Visible tokens under tube masking: per frame H*W - int(ratio * H*W), times T."""
+def encoder_visible_tokens(spec: ModelSpec, encoder_ratio: float, encoder_mask: str = "tube") -> int:
+    """Visible tokens: tube: per frame H*W - int(ratio * H*W), times T; random: N - int(ratio * N)."""
     t, h, w = grid_of(spec)
-    return t * (h * w - int(encoder_ratio * h * w))
+    if encoder_mask == "tube":
+        return t * (h * w - int(encoder_ratio * h * w))
+    if encoder_mask == "random":
+        return t * h * w - int(encoder_ratio * t * h * w)
+    raise ValueError(f"encoder_mask must be tube or random, got {encoder_mask!r}")
 
 
-def decoder_kept_tokens(spec: ModelSpec, decoder_mode: str, encoder_ratio: float, decoder_ratio: float) -> int:
+def decoder_kept_tokens(spec: ModelSpec, decoder_mode: str, encoder_ratio: float, decoder_ratio: float,
+                        encoder_mask: str = "tube") -> int:
     """Tokens the decoder predicts (mask tokens appended after the visible ones), per clip."""
     t, h, w = grid_of(spec)
     n = t * h * w
     if decoder_mode == "none":  # encoder-only masking: predict every encoder-hidden token
-        return n - encoder_visible_tokens(spec, encoder_ratio)
+        return n - encoder_visible_tokens(spec, encoder_ratio, encoder_mask)
     if decoder_mode == "running_cell":
         if decoder_ratio not in RUNNING_CELL_RATIOS:
             raise ValueError(f"running_cell decoder_ratio must be one of {RUNNING_CELL_RATIOS}, got {decoder_ratio}")
@@ -103,13 +108,15 @@ def _encoder_flops(spec: ModelSpec, tokens: int, attention_included: bool) -> in
 
 
 def pretrain_flops(spec: ModelSpec, *, decoder_mode: str = "running_cell", encoder_ratio: float = 0.9,
-                   decoder_ratio: float = 0.5, attention_included: bool = True) -> FlopsBreakdown:
-    """Forward FLOPs of one clip through the pretraining model (tube encoder mask).
+                   decoder_ratio: float = 0.5, attention_included: bool = True,
+                   encoder_mask: str = "tube") -> FlopsBreakdown:
+    """Forward FLOPs of one clip through the pretraining model.
 
-    decoder_mode: running_cell | random | frame (dual masking) or none (encoder-only masking).
+    decoder_mode: running_cell | random | frame (dual masking) or none (encoder-only masking);
+    encoder_mask: tube (VideoMAE) | random; attention_included=False drops the two attention matmuls.
     """
-    vis = encoder_visible_tokens(spec, encoder_ratio)
-    kept = decoder_kept_tokens(spec, decoder_mode, encoder_ratio, decoder_ratio)
+    vis = encoder_visible_tokens(spec, encoder_ratio, encoder_mask)
+    kept = decoder_kept_tokens(spec, decoder_mode, encoder_ratio, decoder_ratio, encoder_mask)
     encoder = _encoder_flops(spec, vis, attention_included)
     dec_hidden = int(spec.decoder_dim * spec.mlp_ratio)  # the decoder reuses the encoder's mlp ratio
     decoder = 2 * vis * spec.dim * spec.decoder_dim + spec.decoder_depth * block_flops(
@@ -120,14 +127,15 @@ def pretrain_flops(spec: ModelSpec, *, decoder_mode: str = "running_cell", encod
 
 def train_step_flops(spec: ModelSpec, *, batch_size: int = 1, decoder_mode: str = "running_cell",
                      encoder_ratio: float = 0.9, decoder_ratio: float = 0.5,
-                     attention_included: bool = True) -> FlopsBreakdown:
+                     attention_included: bool = True, encoder_mask: str = "tube") -> FlopsBreakdown:
     """FLOPs of one optimiser step for `batch_size` clips: 3x forward (backward = 2x forward).
 
     Activation-checkpointing recompute is deliberately NOT counted, so MFU stays comparable across
     checkpointing modes (model FLOPs, not hardware FLOPs).
     """
     fwd = pretrain_flops(spec, decoder_mode=decoder_mode, encoder_ratio=encoder_ratio,
-                         decoder_ratio=decoder_ratio, attention_included=attention_included)
+                         decoder_ratio=decoder_ratio, attention_included=attention_included,
+                         encoder_mask=encoder_mask)
     return fwd.scaled(3 * batch_size)
 
 
