@@ -1,0 +1,164 @@
+"""Loader benchmark: our loader vs a reference written the way the authors' loader works, same shards.
+
+Reference (VideoMAE V2's VideoMAE dataset): decord decodes the needed frames at full size, each frame
+becomes a PIL image, every one of the num_sample repeats crops and resizes every frame (PIL), then
+converts to float and normalises on the CPU; float batches cross to the main process.
+Ours: decord decodes the needed frames, crops run on uint8 tensors for the whole clip at once, the batch
+stays uint8 (normalised later on the GPU), masks are made in the main process.
+
+clips/s counts output samples (each decoded clip gives num_sample of them, in both pipelines).
+CPU seconds are summed over the main process and the loader workers (psutil), so "per core" is
+clips per CPU-second: fair on a shared or small machine.
+
+    python -m benchmarks.loader_bench                      # makes synthetic 320p shards first
+    python -m benchmarks.loader_bench --shards DIR --workers 8 --batches 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vmae_ds.data import DataConfig, build_pretrain_loader, default_mask_fn, token_grid
+from vmae_ds.data.shards import resolve_shards
+from vmae_ds.data.stream import ShardReader, initial_position, parse_sample
+from vmae_ds.data.transforms import IMAGENET_MEAN, IMAGENET_STD, multiscale_crop_box, train_indices
+
+
+class ReferenceStream(IterableDataset):
+    """The authors' way, on our shards: full-size frames -> PIL -> per-frame crop/resize -> float normalise."""
+
+    def __init__(self, urls: list[str], cfg: DataConfig, seed: int):
+        self.urls, self.cfg, self.seed = urls, cfg, seed
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        from decord import VideoReader  # as in their code: created in the worker, one thread
+
+        info = get_worker_info()
+        w = info.id if info else 0
+        torch.set_num_threads(1)
+        reader = ShardReader(self.urls, self.cfg, 0, 1, info.num_workers if info else 1, self.seed, w, None)
+        pos = initial_position(w)
+        gen = torch.Generator().manual_seed(self.seed + w)
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        size = self.cfg.input_size
+        while True:
+            data, meta = parse_sample(reader.next_sample(pos))
+            vr = VideoReader(io.BytesIO(data), num_threads=1)
+            idx = train_indices(0, len(vr), self.cfg.num_frames, self.cfg.stride_for(meta.get("source", "")), gen)
+            buffer = vr.get_batch(idx).asnumpy()
+            images = [Image.fromarray(buffer[i]).convert("RGB") for i in range(len(idx))]
+            out = []
+            for _ in range(self.cfg.num_sample):
+                top, left, ch, cw = multiscale_crop_box(images[0].height, images[0].width, size,
+                                                        self.cfg.scales, gen)
+                frames = [im.crop((left, top, left + cw, top + ch)).resize((size, size), Image.BILINEAR)
+                          for im in images]
+                tensors = [(torch.from_numpy(np.asarray(f, dtype=np.float32) / 255.0).permute(2, 0, 1) - mean)
+                           / std for f in frames]
+                out.append(torch.stack(tensors, dim=1))  # (3, T, S, S) float32
+            yield out
+
+
+def _collate(items: list[list[torch.Tensor]]) -> torch.Tensor:
+    return torch.stack([x for item in items for x in item])
+
+
+def _cpu_seconds(proc: psutil.Process) -> float:
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def measure(batches: Iterator, n: int, warmup: int, batch_size: int) -> dict:
+    proc = psutil.Process()
+    for _ in range(warmup):  # worker start-up and first shard opens are not what we measure
+        next(batches)
+    cpu0, t0 = _cpu_seconds(proc), time.perf_counter()
+    for _ in range(n):
+        next(batches)
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds(proc) - cpu0
+    clips = n * batch_size
+    return {"clips": clips, "wall_s": wall, "cpu_s": cpu, "clips_per_s": clips / wall,
+            "cores_used": cpu / wall, "clips_per_core_s": clips / cpu}
+
+
+def synth_shards(folder: Path, clips: int, size: tuple[int, int], frames: int) -> Path:
+    from data_tools.build import build_shards
+    from data_tools.manifest import scan_folder, write_manifest
+    from data_tools.synth import make_videos
+
+    make_videos(folder / "videos", clips, frames=frames, size=size, fps=25)
+    write_manifest(scan_folder(folder / "videos", source="k710"), folder / "m.jsonl")
+    build_shards(folder / "m.jsonl", folder / "shards", shard_size=8, workers=1, progress=False)
+    return folder / "shards"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", help="shard folder / index.json / pattern (default: make synthetic 320p shards)")
+    p.add_argument("--synth-clips", type=int, default=24, help="synthetic clips when --shards is not given")
+    p.add_argument("--synth-size", default="320x426", help="synthetic clip HxW (default 320x426, short side 320)")
+    p.add_argument("--synth-frames", type=int, default=96, help="synthetic clip length in frames")
+    p.add_argument("--workers", type=int, default=2, help="loader workers for both pipelines (default 2)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per batch after repetition (default 8)")
+    p.add_argument("--num-sample", type=int, default=4, help="repeated augmentation (default 4)")
+    p.add_argument("--num-frames", type=int, default=16)
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--batches", type=int, default=20, help="timed batches per pipeline (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed batches first (default 3)")
+    p.add_argument("--json", help="also write the results here")
+    a = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shards, label = a.shards, a.shards
+        if shards is None:
+            h, w = (int(x) for x in a.synth_size.split("x"))
+            print(f"making {a.synth_clips} synthetic {h}x{w} clips of {a.synth_frames} frames ...", flush=True)
+            shards = str(synth_shards(Path(tmp), a.synth_clips, (h, w), a.synth_frames))
+            label = f"synthetic: {a.synth_clips} H.264 clips {h}x{w}, {a.synth_frames} frames"
+        cfg = DataConfig(shards=shards, num_frames=a.num_frames, input_size=a.input_size,
+                         num_sample=a.num_sample, num_workers=a.workers, pin_memory=False)
+        results = {}
+        ours = build_pretrain_loader(cfg, batch_size=a.batch_size, rank=0, world_size=1, seed=0,
+                                     mask_fn=default_mask_fn(token_grid(cfg)))
+        results["ours (uint8, batched crops)"] = measure(iter(ours), a.batches, a.warmup, a.batch_size)
+        ours.close()
+        urls, _ = resolve_shards(shards)
+        ref = DataLoader(ReferenceStream(urls, cfg, seed=0), batch_size=a.batch_size // a.num_sample,
+                         num_workers=a.workers, collate_fn=_collate, persistent_workers=a.workers > 0,
+                         prefetch_factor=2 if a.workers else None)
+        results["reference (authors' way)"] = measure(iter(ref), a.batches, a.warmup, a.batch_size)
+
+    base = results["reference (authors' way)"]
+    print(f"\nshards ({label}): {a.num_frames} frames x {a.input_size}px, num_sample {a.num_sample}, "
+          f"batch {a.batch_size}, {a.workers} workers, {a.batches} timed batches, host CPUs {psutil.cpu_count()}")
+    print(f"| {'pipeline':<28} | clips/s | CPU cores used | clips/s per core | ratio per core |")
+    print(f"|{'-' * 30}|---------|----------------|------------------|----------------|")
+    for name, r in results.items():
+        print(f"| {name:<28} | {r['clips_per_s']:7.1f} | {r['cores_used']:14.2f} | {r['clips_per_core_s']:16.1f} |"
+              f" {r['clips_per_core_s'] / base['clips_per_core_s']:13.2f}x |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
