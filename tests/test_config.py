@@ -72,6 +72,7 @@ def test_bad_literal_names_field_and_allowed_values():
     (["masks.encoder_ratio=0"], "encoder_ratio must be in (0, 1), got 0"),
     (["masks.decoder_ratio=0.6"], "decoder_ratio for running_cell must be one of (0.25, 0.5, 0.75), got 0.6"),
     (["masks.decoder=frame", "masks.decoder_ratio=0.75"], "decoder_ratio for frame masking must be 0.5"),
+    (["masks.decoder=random", "masks.decoder_ratio=1.0"], "decoder_ratio for random masking must be in [0, 1)"),
 ])
 def test_mask_ratio_validation(overrides, needle):
     msg = _err(overrides=overrides)

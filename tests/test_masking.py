@@ -178,6 +178,12 @@ def test_illegal_ratios_and_kinds():
         frame_mask(1, SMALL, 0.75)
     with pytest.raises(ValueError, match="even number of tubelet-frames"):
         frame_mask(1, TokenGrid(3, 2, 2), 0.5)
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"tube mask ratio must be in \[0, 1\), got {bad}"):
+            tube_mask(1, SMALL, bad)
+        with pytest.raises(ValueError, match=rf"random mask ratio must be in \[0, 1\), got {bad}"):
+            make_decoder_mask("random", 1, SMALL, bad)
+    assert not random_mask(1, SMALL, 0.0).any()  # ratio 0 is legal: nothing hidden
     with pytest.raises(ValueError, match="encoder mask must be one of"):
         make_encoder_mask("running_cell", 1, SMALL, 0.9)
     with pytest.raises(ValueError, match="decoder mask must be one of"):

@@ -56,6 +56,8 @@ class MaskConfig(Strict):
         if self.decoder == "running_cell" and self.decoder_ratio not in RUNNING_CELL_RATIOS:
             raise ValueError(f"decoder_ratio for running_cell must be one of {RUNNING_CELL_RATIOS}, "
                              f"got {self.decoder_ratio}")
+        if self.decoder == "random" and not 0.0 <= self.decoder_ratio < 1.0:
+            raise ValueError(f"decoder_ratio for random masking must be in [0, 1), got {self.decoder_ratio}")
         if self.decoder == "frame" and self.decoder_ratio != 0.5:
             raise ValueError(f"decoder_ratio for frame masking must be 0.5, got {self.decoder_ratio}")
         return self

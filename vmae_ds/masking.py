@@ -37,9 +37,16 @@ def _rank_hide(scores: torch.Tensor, num_hidden: int) -> torch.Tensor:
     return mask
 
 
+def _check_ratio(kind: str, ratio: float) -> None:
+    # ratio 1 would leave no visible (encoder) or no kept (decoder) token: empty gathers and a 0/0 loss
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"{kind} mask ratio must be in [0, 1), got {ratio}")
+
+
 def tube_mask(batch: int, grid: TokenGrid, ratio: float, generator: torch.Generator | None = None,
               device: torch.device | str = "cpu") -> torch.Tensor:
     """One spatial mask per sample with int(ratio * H * W) hidden patches, repeated over all T."""
+    _check_ratio("tube", ratio)
     hw = grid.h * grid.w
     num_hidden = int(ratio * hw)
     scores = torch.rand(batch, hw, generator=generator, device=device)
@@ -50,6 +57,7 @@ def tube_mask(batch: int, grid: TokenGrid, ratio: float, generator: torch.Genera
 def random_mask(batch: int, grid: TokenGrid, ratio: float, generator: torch.Generator | None = None,
                 device: torch.device | str = "cpu") -> torch.Tensor:
     """int(ratio * N) hidden tokens per sample, drawn uniformly over all tokens."""
+    _check_ratio("random", ratio)
     scores = torch.rand(batch, grid.n, generator=generator, device=device)
     return _rank_hide(scores, int(ratio * grid.n))
 
