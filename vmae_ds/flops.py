@@ -189,7 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Analytic forward FLOPs per clip of VideoMAE V2 pretraining, encoder-only masking "
                     "(VideoMAE v1: the decoder predicts all hidden tokens) vs dual masking (running cell). "
                     "FLOPs count a multiply-add as 2 (like torch's FlopCounterMode); GMACs = GFLOPs / 2 is "
-                    "the unit the paper calls GFLOPs. Tube encoder mask.")
+                    "the unit the paper calls GFLOPs. Tube encoder mask.",
+        epilog="Counted: patch-embed conv, every linear layer, and attention's two matmuls (q k^T, attn v); "
+               "not counted: norms, softmax, GELU, biases, adds. One training step = 3x forward per clip "
+               "(vmae_ds.flops.train_step_flops; checkpoint recompute not counted).")
     p.add_argument("--models", nargs="+", default=["S", "B", "L", "H", "g"], metavar="NAME",
                    help=f"model names or aliases ({', '.join(ALIASES)}); default: S B L H g")
     p.add_argument("--frames", type=int, default=None, help="override input frames (default: 16)")
