@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+from dataclasses import replace
 
 import pytest
 from data_helpers import BAD_REASONS, build, copy_tree, make_corpus, run_cli, sample_keys, shared_dir
@@ -121,3 +122,15 @@ def test_cli_manifest_from_folder_and_bad_manifest_line(corpus, tmp_path):
     res = run_cli("build", "--manifest", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "o"))
     assert res.returncode == 2
     assert "bad.csv:3: field 'fps' has a bad value 'fast'" in res.stderr
+
+
+def test_hybrid_manifest_builds_shards_that_mix_every_source(corpus, tmp_path):
+    (tmp_path / "good.txt").write_text("".join(f"{p} 0 -1\n" for p in corpus.good))  # authors' list format
+    sources = [a for name in ("k710", "ssv2", "webvid") for a in ("--source", f"{name}={tmp_path / 'good.txt'}")]
+    res = run_cli("hybrid", *sources, "--total", "30", "--out", str(tmp_path / "h.jsonl"))
+    assert res.returncode == 0, res.stderr
+    out = build(replace(corpus, manifest=tmp_path / "h.jsonl"), tmp_path / "hy", shard_size=10)
+    index = json.loads((out / "index.json").read_text())
+    assert index["total_samples"] == 30 and index["skipped"] == 0
+    for shard in index["shards"]:
+        assert set(shard["sources"]) == {"k710", "ssv2", "webvid"}, shard
