@@ -172,6 +172,10 @@ def test_classifier_checkpointing_is_exact():
     ref.sum().backward()
     ref_grad = {k: p.grad.clone() for k, p in clf.named_parameters()}
     clf.zero_grad()
+    with pytest.raises(ValueError, match="none\\|full\\|selective"):
+        clf.set_activation_checkpointing("all")
+    with pytest.raises(ValueError, match="num_blocks"):
+        clf.set_activation_checkpointing("selective", num_blocks=3)
     clf.set_activation_checkpointing("full")
     out = clf(video)
     out.sum().backward()

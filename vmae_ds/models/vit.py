@@ -231,6 +231,10 @@ class VideoClassifier(VideoEncoder):
     def set_activation_checkpointing(self, mode: str = "none", num_blocks: int = 0,
                                      fn: CheckpointFn | None = None) -> None:
         depth = len(self.blocks)
+        if mode not in ("none", "full", "selective"):
+            raise ValueError(f"activation checkpointing mode must be none|full|selective, got {mode!r}")
+        if mode == "selective" and not 0 < num_blocks <= depth:
+            raise ValueError(f"selective checkpointing needs 0 < num_blocks <= {depth}, got {num_blocks}")
         self.num_ckpt_blocks = {"none": 0, "full": depth, "selective": num_blocks}[mode]
         if fn is not None:
             self.ckpt_fn = fn
