@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import multiprocessing as mp
 import os
 import random
 import signal
@@ -24,8 +23,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_tools.clipcheck import ClipResult, ClipSettings, process_clip
+from data_tools.clipcheck import ClipResult, ClipSettings
 from data_tools.manifest import read_manifest
+from data_tools.workpool import run_ordered
 
 PARTS = "_parts"
 INDEX = "index.json"
@@ -105,21 +105,6 @@ class _ShardWriter:
         return self.final.stat().st_size
 
 
-def _pool_init() -> None:
-    # Ctrl-C goes to the parent only, which then terminates the pool cleanly.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import decord
-
-    decord.logging.set_level(decord.logging.QUIET)  # reasons go to errors.jsonl, not to the terminal
-
-
-def _worker_init() -> None:
-    """Pool workers: also silence decord's C++ log lines (fd 2); their reasons reach errors.jsonl."""
-    _pool_init()
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-
-
 def build_shards(manifest: str | Path, out: str | Path, *, prefix: str = "shard", shard_size: int = 1000,
                  workers: int = 1, clip: ClipSettings | None = None, root: str | Path | None = None,
                  manifest_format: str = "auto", shuffle_seed: int | None = None,
@@ -161,12 +146,8 @@ def build_shards(manifest: str | Path, out: str | Path, *, prefix: str = "shard"
     crash_after = int(os.environ.get(CRASH_ENV, "-1"))
     bar = tqdm(total=len(tasks), unit="clip", desc="build", disable=not progress, smoothing=0.05)
     failures = 0
-    pool = mp.get_context("fork").Pool(workers, initializer=_worker_init) if workers > 1 else None
-    if pool is None:
-        _pool_init()
+    task_iter = run_ordered(tasks, workers)
     try:
-        results = pool.imap(process_clip, tasks, chunksize=4) if pool else map(process_clip, tasks)
-        task_iter = iter(results)
         for n_built, s in enumerate(pending):
             name = names[s]
             size = len(order[s * shard_size:(s + 1) * shard_size])
@@ -193,9 +174,7 @@ def build_shards(manifest: str | Path, out: str | Path, *, prefix: str = "shard"
             _atomic_write(out / PARTS / f"{name}.json", json.dumps(record, indent=1).encode())
     finally:
         bar.close()
-        if pool:
-            pool.terminate()
-            pool.join()
+        task_iter.close()  # stops the worker processes
     return finalize(out, names, settings)
 
 

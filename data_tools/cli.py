@@ -116,7 +116,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--prefix", default="shard", help="shard name prefix (default 'shard')")
     b.add_argument("--shard-size", type=int, default=1000, help="manifest rows per shard (default 1000)")
     b.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                   help="processes decoding / re-encoding clips (default: CPU count - 1)")
+                   help="processes decoding / re-encoding clips (default: CPU count - 1; 0 = no subprocess)")
     b.add_argument("--reencode", action="store_true",
                    help="re-encode to H.264 with short side --short-side and a keyframe every --keyint "
                    "frames (fast seeking in the loader); default: copy the original bytes")

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
 import tarfile
 from dataclasses import replace
 
 import pytest
 from data_helpers import BAD_REASONS, build, copy_tree, make_corpus, run_cli, sample_keys, shared_dir
 
+from data_tools import workpool
 from data_tools.build import CRASH_ENV, BuildError, build_shards
-from data_tools.clipcheck import ClipSettings, sample_key
+from data_tools.clipcheck import ClipSettings, process_clip, sample_key
 from data_tools.inspect_shards import SAFE_KEY, inspect
+from data_tools.manifest import ClipRow, write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +138,25 @@ def test_hybrid_manifest_builds_shards_that_mix_every_source(corpus, tmp_path):
     assert index["total_samples"] == 30 and index["skipped"] == 0
     for shard in index["shards"]:
         assert set(shard["sources"]) == {"k710", "ssv2", "webvid"}, shard
+
+
+def _segfault_on_crash_files(task):
+    """A decoder crash, reproduced: the worker dies of SIGSEGV on files named crash*.mp4."""
+    if os.path.basename(task[2]).startswith("crash"):
+        faulthandler.disable()  # pytest's crash dump would only clutter the output
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return process_clip(task)
+
+
+def test_a_clip_that_crashes_its_worker_is_skipped_with_the_reason(corpus, tmp_path, monkeypatch):
+    crash = tmp_path / "crash.mp4"
+    crash.write_bytes(corpus.good[0].read_bytes())
+    rows = [ClipRow(path=str(p), source="k710") for p in corpus.good[:6]]
+    rows.insert(3, ClipRow(path=str(crash), source="k710"))
+    write_manifest(rows, tmp_path / "m.jsonl")
+    monkeypatch.setattr(workpool, "process_clip", _segfault_on_crash_files)
+    summary = build_shards(tmp_path / "m.jsonl", tmp_path / "out", shard_size=4, workers=2, progress=False)
+    assert (summary.written, summary.skipped) == (6, 1)
+    errors = [json.loads(x) for x in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert errors == [{"row": 3, "key": "000000003_crash", "path": str(crash), "source": "k710",
+                       "reason": workpool.CRASH_REASON}]
