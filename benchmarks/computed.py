@@ -1,8 +1,8 @@
-"""Numbers computed without running the math: analytic FLOPs, counted FLOPs and saved bytes on fake tensors.
+"""Numbers computed without real data: analytic FLOPs, and counted FLOPs + saved bytes on fake tensors.
 
-These are exact for the real size (16 frames, 224 px) whatever the machine, and are what the report marks
-"computed". Counted FLOPs use the `math` kernel: FlopCounterMode has no formula for the CPU SDPA kernel,
-and model FLOPs do not depend on the kernel anyway.
+Fake-tensor runs are exact for the real size (16 frames, 224 px) on any machine, and are what the report
+marks "computed". Counted FLOPs come from the `math` kernel: FlopCounterMode has no formula for the CPU
+SDPA kernel (it would miss the two attention matmuls), and model FLOPs do not depend on the kernel.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vmae_ds.flops import pretrain_flops
-from vmae_ds.models import create_pretrain_model, get_spec
+from vmae_ds.models import count_params, create_pretrain_model, get_spec
 
-from .saved_tensors import SavedTensorCounter
+from .saved_tensors import SavedTensorCounter, attribute_to_blocks
 from .shape_only import fake_cpu
-from .step import Cell, forward_loss, make_batch
+from .step import Cell, forward_loss, make_batch, model_blocks
 
 
 def analytic_flops(cell: Cell) -> dict:
@@ -28,41 +28,39 @@ def analytic_flops(cell: Cell) -> dict:
             "fwd_decoder_share": (fwd.decoder + fwd.head) / fwd.total}
 
 
-def _fake_run(cell: Cell, kernel: str, amp: torch.dtype | None,
-              counter: SavedTensorCounter | None = None) -> tuple[int, int]:
-    """Real-size forward + loss + backward on fake CPU tensors; returns counted (forward, backward) FLOPs.
-
-    With `counter`, the forward's saved tensors are counted (checkpointing as the cell says)."""
+def num_params(cell: Cell) -> int:
     with torch.device("meta"):
-        model = create_pretrain_model(cell.model, attention=kernel, **cell.overrides())
+        return count_params(create_pretrain_model(cell.model, **cell.overrides()))
+
+
+def fake_step(cell: Cell, amp: torch.dtype | None, count_flops: bool = False) -> dict:
+    """Real-size forward + loss on fake CPU tensors: exact saved-activation bytes (checkpointing as the cell
+    says); with count_flops, also a backward under FlopCounterMode (checkpointing must be off then)."""
+    if cell.kernel == "flash_attn":
+        raise ValueError("flash_attn runs on CUDA only; it has no fake-CPU equivalent")
+    with torch.device("meta"):
+        model = create_pretrain_model(cell.model, attention=cell.kernel, **cell.overrides())
     video, enc, dec = make_batch(model, cell, cell.batch, "cpu")  # real masks: the shadow needs their values
-    fwd, bwd = FlopCounterMode(display=False), FlopCounterMode(display=False)
+    fwd_fc, bwd_fc = FlopCounterMode(display=False), FlopCounterMode(display=False)
     with fake_cpu() as mode:
         model = model.to_empty(device="cpu").train()
         video = mode.from_tensor(video)
-        if counter is not None:
-            counter.exclude([*model.parameters(), *model.buffers()])
-            model.set_activation_checkpointing("full" if cell.ckpt == "on" else "none", fn=counter.checkpoint_fn)
-            with counter, fwd:
-                loss = forward_loss(model, video, enc, dec, amp)
-        else:
-            with fwd:
-                loss = forward_loss(model, video, enc, dec, amp)
-        with bwd:
-            loss.backward()
-    return fwd.get_total_flops(), bwd.get_total_flops()
+        counter = SavedTensorCounter([*model.parameters(), *model.buffers()])
+        model.set_activation_checkpointing("full" if cell.ckpt == "on" else "none", fn=counter.checkpoint_fn)
+        with counter, fwd_fc, attribute_to_blocks(counter, model_blocks(model)):
+            loss = forward_loss(model, video, enc, dec, amp)
+        out = {"saved_activation_bytes": counter.activation_bytes, "saved_param_bytes": counter.param_bytes,
+               "weight_cast_bytes": counter.weight_cast_bytes,
+               "max_block_bytes": counter.max_block_bytes}
+        if count_flops:
+            with bwd_fc:
+                loss.backward()
+            fwd, bwd = fwd_fc.get_total_flops(), bwd_fc.get_total_flops()
+            out.update(fwd_flops_per_clip=fwd // cell.batch, train_flops_per_clip=(fwd + bwd) // cell.batch)
+    return out
 
 
 def counted_flops(cell: Cell, amp: torch.dtype | None) -> dict:
-    """FlopCounterMode over a fake forward and backward (checkpointing off: no recompute), per clip."""
-    fwd, bwd = _fake_run(replace(cell, ckpt="off"), "math", amp)
-    return {"fwd_flops_per_clip": fwd // cell.batch, "train_flops_per_clip": (fwd + bwd) // cell.batch}
-
-
-def computed_saved_bytes(cell: Cell, amp: torch.dtype | None) -> int | None:
-    """Exact saved-activation bytes of the cell's forward on fake CPU tensors (None for flash_attn: CUDA only)."""
-    if cell.kernel == "flash_attn":
-        return None
-    counter = SavedTensorCounter()
-    _fake_run(cell, cell.kernel, amp, counter=counter)
-    return counter.activation_bytes
+    """Counted forward and forward+backward FLOPs per clip (math kernel, no checkpointing, no recompute)."""
+    out = fake_step(replace(cell, kernel="math", ckpt="off"), amp, count_flops=True)
+    return {k: out[k] for k in ("fwd_flops_per_clip", "train_flops_per_clip")}

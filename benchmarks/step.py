@@ -13,7 +13,7 @@ from vmae_ds.losses import pixel_target, reconstruction_loss
 from vmae_ds.masking import TokenGrid, make_masks
 from vmae_ds.models import PretrainVideoMAE, create_pretrain_model
 
-from .saved_tensors import SavedTensorCounter
+from .saved_tensors import SavedTensorCounter, attribute_to_blocks
 
 MASKINGS = ("encoder_only", "dual")
 CKPT = ("off", "on")
@@ -89,11 +89,16 @@ def train_step(model: PretrainVideoMAE, opt: torch.optim.Optimizer, batch: tuple
     return loss.detach()
 
 
+def model_blocks(model: PretrainVideoMAE) -> dict[str, torch.nn.Module]:
+    blocks = {f"encoder.{i}": b for i, b in enumerate(model.encoder.blocks)}
+    return blocks | {f"decoder.{i}": b for i, b in enumerate(model.decoder.blocks)}
+
+
 def count_saved(model: PretrainVideoMAE, batch: tuple, amp: torch.dtype | None) -> SavedTensorCounter:
     """Saved-for-backward bytes of one forward + loss (checkpoint inputs included), then backward."""
     ckpt_on = model.encoder.num_ckpt_blocks > 0
     buffers = [*model.parameters(), *model.buffers()]
-    with SavedTensorCounter(buffers) as counter:
+    with SavedTensorCounter(buffers) as counter, attribute_to_blocks(counter, model_blocks(model)):
         if ckpt_on:
             model.set_activation_checkpointing("full", fn=counter.checkpoint_fn)
         loss = forward_loss(model, *batch, amp)
@@ -127,24 +132,44 @@ def timed_steps(model: PretrainVideoMAE, opt: torch.optim.Optimizer, batch: tupl
     return times
 
 
-def measure_cell(cell: Cell, device: torch.device, amp: torch.dtype | None, warmup: int, steps: int) -> dict:
-    """Step-time median, saved bytes (exact) and, on CUDA, peak allocated bytes of one cell."""
+def _prepare(cell: Cell, device: torch.device, amp: torch.dtype | None) -> tuple:
     torch.manual_seed(0)
     model = build_model(cell, device)
     opt = make_optimizer(model)
     batch = make_batch(model, cell, cell.batch, device)
     saved = count_saved(model, batch, amp)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = timed_steps(model, opt, batch, amp, warmup, steps)
+    return model, opt, batch, saved
+
+
+def _result(cell: Cell, model: PretrainVideoMAE, saved: SavedTensorCounter, times: list[float]) -> dict:
     med = statistics.median(times)
-    out = {"step_times_s": times, "step_time_s": med, "time_per_clip_s": med / cell.batch,
-           "clips_per_s": cell.batch / med, "saved_activation_bytes": saved.activation_bytes,
-           "saved_param_bytes": saved.param_bytes, "kernel_used": model.kernel.used}
-    if device.type == "cuda":
-        out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-    del model, opt, batch
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    return {"step_times_s": times, "step_time_s": med, "time_per_clip_s": med / cell.batch,
+            "clips_per_s": cell.batch / med, "saved_activation_bytes": saved.activation_bytes,
+            "saved_param_bytes": saved.param_bytes,
+            "weight_cast_bytes": saved.weight_cast_bytes, "max_block_bytes": saved.max_block_bytes,
+            "kernel_used": model.kernel.used}
+
+
+def measure_cuda(cell: Cell, device: torch.device, amp: torch.dtype | None, warmup: int, steps: int) -> dict:
+    """One cell alone on the GPU, so its peak allocated bytes are its own."""
+    torch.cuda.empty_cache()
+    model, opt, batch, saved = _prepare(cell, device, amp)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    out = _result(cell, model, saved, timed_steps(model, opt, batch, amp, warmup, steps))
+    out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
     return out
+
+
+def measure_interleaved(cells: list[Cell], device: torch.device, amp: torch.dtype | None, warmup: int,
+                        steps: int) -> list[dict]:
+    """Cells side by side, one timed step each in turn: on a shared CPU, load changes then hit every
+    cell alike instead of whichever cell happened to run at a bad moment (no mode gets a quieter slot)."""
+    prepared = [_prepare(c, device, amp) for c in cells]
+    for model, opt, batch, _ in prepared:
+        timed_steps(model, opt, batch, amp, warmup, 0)
+    times: list[list[float]] = [[] for _ in cells]
+    for _ in range(steps):
+        for i, (model, opt, batch, _) in enumerate(prepared):
+            times[i] += timed_steps(model, opt, batch, amp, 0, 1)
+    return [_result(c, p[0], p[3], t) for c, p, t in zip(cells, prepared, times)]
