@@ -55,12 +55,15 @@ _KNOWN = (("moov atom not found", "moov atom not found (truncated or unfinished 
           ("Cannot find a valid video stream", "no video stream"))
 
 
+_LOG_PREFIX = re.compile(r"(\[\d\d:\d\d:\d\d\] \S+:\d+: )+")  # decord's "[12:00:00] file.cc:83: "
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e)
     for needle, reason in _KNOWN:
         if needle.lower() in text.lower():
             return reason
-    lines = text.strip().splitlines()
+    lines = [_LOG_PREFIX.sub("", line) for line in text.strip().splitlines()]
     return (lines[0] if lines else type(e).__name__)[:200]
 
 
@@ -73,18 +76,23 @@ def probe(data: bytes, min_frames: int, window: tuple[int, int | None] = (0, Non
     try:
         vr = decord.VideoReader(io.BytesIO(data), num_threads=1)
         n = len(vr)
-        if n <= 0:
-            raise BadClip("no video frames")
-        start = max(0, window[0])
-        end = n if window[1] is None else min(n, window[1])
-        if end - start < min_frames:
-            raise BadClip(f"too short: {end - start} frames in window [{start}, {end}) < --min-frames "
-                          f"{min_frames}")
-        frames = vr.get_batch(sorted({start, (start + end) // 2, end - 1})).asnumpy()
-    except BadClip:
-        raise
     except Exception as e:  # decord raises bare RuntimeError / DECORDError
-        raise BadClip(f"not a decodable video: {_pyav_reason(data) or _first_line(e)}") from None
+        reason = _pyav_reason(data)
+        if reason is None:  # FFmpeg opens it and decodes its start: the rest is missing or broken
+            raise BadClip(f"damaged or truncated video ({_first_line(e)})") from None
+        raise BadClip(f"not a decodable video: {reason}") from None
+    if n <= 0:
+        raise BadClip("no video frames")
+    start = max(0, window[0])
+    end = n if window[1] is None else min(n, window[1])
+    if end - start < min_frames:
+        raise BadClip(f"too short: {end - start} frames in window [{start}, {end}) < --min-frames {min_frames}")
+    wanted = sorted({start, (start + end) // 2, end - 1})
+    try:
+        frames = vr.get_batch(wanted).asnumpy()
+    except Exception:
+        # The index opened but the frames are not all there: typically a file cut short.
+        raise BadClip(f"damaged or truncated video: frames {wanted} of {n} not all decodable") from None
     h, w = frames.shape[1:3]
     return {"fps": float(vr.get_avg_fps()), "num_frames": n, "width": int(w), "height": int(h),
             "frame_start": start, "frame_end": end}

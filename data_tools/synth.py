@@ -25,15 +25,19 @@ def _frame(rng_params: np.ndarray, t: int, h: int, w: int) -> np.ndarray:
 
 
 def write_video(path: Path, frames: int, size: tuple[int, int], fps: int, seed: int,
-                gop: int = 8) -> Path:
-    """Write one H.264 mp4 of `frames` frames, size (H, W) (even numbers, yuv420p)."""
+                gop: int = 8, faststart: bool = False) -> Path:
+    """Write one H.264 mp4 of `frames` frames, size (H, W) (even numbers, yuv420p).
+
+    faststart puts the index (moov) before the frames, as streaming sites do.
+    """
     h, w = size
     if h % 2 or w % 2:
         raise ValueError(f"H.264 yuv420p needs even sizes, got {h}x{w}")
     rng = np.random.default_rng(seed)
     params = np.array([rng.uniform(0.02, 0.2), rng.uniform(0.02, 0.2), rng.uniform(-3, 3),
                        rng.uniform(-3, 3), *rng.integers(0, 256, 3), max(4, min(h, w) // 4)])
-    with av.open(str(path), mode="w") as container:
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), mode="w", options=options) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.options = {"g": str(gop), "preset": "ultrafast", "threads": "1"}

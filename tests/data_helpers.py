@@ -25,6 +25,7 @@ GOOD_PER_SOURCE = {"k710": 10, "ssv2": 6}
 BAD_REASONS = {
     "corrupt.mp4": "not a decodable video",
     "truncated.mp4": "not a decodable video: truncated",
+    "cut_faststart.mp4": "damaged or truncated video",
     "empty.mp4": "empty file (0 bytes)",
     "notes.txt": "not a decodable video",
     "short.mp4": "too short",
@@ -59,6 +60,9 @@ def make_corpus(root: Path) -> Corpus:
     sample = good[0].read_bytes()
     (bad_dir / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(range(256)) * 20)
     (bad_dir / "truncated.mp4").write_bytes(sample[: len(sample) // 2])
+    full = write_video(bad_dir / "full_faststart.mp4", frames=30, size=(48, 64), fps=25, seed=9, faststart=True)
+    (bad_dir / "cut_faststart.mp4").write_bytes(full.read_bytes()[: full.stat().st_size * 3 // 4])
+    full.unlink()
     (bad_dir / "empty.mp4").write_bytes(b"")
     (bad_dir / "notes.txt").write_text("these are not the frames you are looking for\n")
     write_video(bad_dir / "short.mp4", frames=8, size=(48, 64), fps=25, seed=7)
