@@ -171,3 +171,21 @@ def test_normalize_on_device_uses_imagenet_stats():
     assert torch.allclose(out[0, :, 0, 0, 0].float(), expect, atol=2e-2)
     with pytest.raises(ValueError):
         normalize_on_device(video.float(), torch.float32)
+
+
+def test_exact_epoch_mode_restores_across_the_epoch_boundary(shards):
+    cfg = small_cfg(shards, resampled=False)
+    loader = make_loader(cfg, rank=0, world_size=2)
+    epoch0 = list(loader)
+    it = iter(loader)
+    head = [next(it) for _ in range(1)]
+    state = loader.state_dict()
+    tail = list(it)  # rest of epoch 1
+    epoch2 = list(loader)
+    loader.close()
+    assert len(epoch0) == len(head) + len(tail) == len(epoch2) == 4
+    restored = make_loader(cfg, rank=0, world_size=2)
+    restored.load_state_dict(state)
+    assert restored.epoch == 1
+    assert same(list(restored), tail) and same(list(restored), epoch2)
+    restored.close()
