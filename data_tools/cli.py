@@ -63,7 +63,7 @@ def _cmd_build(a: argparse.Namespace) -> int:
 
 
 def _cmd_check(a: argparse.Namespace, verify: bool) -> int:
-    report = inspect(a.dir, decode_per_shard=a.decode, progress=not a.quiet)
+    report = inspect(a.dir, decode_per_shard=a.decode, progress=not a.quiet, workers=a.workers)
     print(format_report(report))
     plot = Path(a.plot) if a.plot else Path(a.dir) / "stats.png"
     if Path(a.dir).is_dir():
@@ -135,6 +135,8 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--decode", type=int, default=1 if name == "verify" else 0,
                        help="samples per shard to trial-decode; -1 = all (default: %(default)s)")
         c.add_argument("--plot", help="PNG for the histograms (default: DIR/stats.png)")
+        c.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                       help="processes reading shards (default: CPU count - 1)")
         c.add_argument("--quiet", action="store_true", help="no progress bar")
 
     s = sub.add_parser("synth", help="write small synthetic H.264 clips (tests, demos)")

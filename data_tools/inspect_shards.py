@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import re
 import tarfile
 from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 
 from tqdm import tqdm
@@ -14,6 +17,7 @@ from tqdm import tqdm
 from data_tools.build import INDEX
 from data_tools.clipcheck import BadClip, decode_sample_check
 from data_tools.manifest import VIDEO_EXTS
+from data_tools.workpool import quiet_decoders
 
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 VIDEO_EXT_SET = {e.lstrip(".") for e in VIDEO_EXTS}
@@ -55,33 +59,30 @@ def _shard_list(folder: Path, problems: list[str]) -> tuple[list[Path], dict | N
     return sorted(set(tars) | {p for p in listed if p.exists()}), index
 
 
-def _read_shard(path: Path, report: Report, seen: dict[str, str], decode_n: int) -> int:
-    """Read a whole shard; record problems; return its sample count."""
-    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
+def _read_shard(path: Path, decode_n: int) -> tuple[Report, list[str]]:
+    """Read one whole shard (runs in a worker): its partial report and its keys in order."""
+    report = Report(shards=1)
+    samples: dict[str, dict[str, bytes | int]] = defaultdict(dict)
     order: list[str] = []
     try:
         with tarfile.open(path, mode="r|") as tar:
             for m in tar:
                 if not m.isfile():
                     continue
-                name = m.name.rsplit("/", 1)[-1]
-                key, _, ext = name.partition(".")
-                data = tar.extractfile(m).read()
+                key, _, ext = m.name.rsplit("/", 1)[-1].partition(".")
+                data = tar.extractfile(m).read()  # reading every byte is the integrity check
                 if key not in samples:
                     order.append(key)
                 if ext in samples[key]:
                     report.damaged.append(f"{path.name}: key {key!r} has two '{ext}' members")
-                samples[key][ext] = data
+                # Keep bytes only where needed (json, videos to decode): memory stays small.
+                samples[key][ext] = data if ext == "json" or len(order) <= decode_n else len(data)
     except (tarfile.TarError, OSError, EOFError) as e:
         report.damaged.append(f"{path.name}: tar damaged ({e}) after {len(order)} samples")
-    n = 0
     for key in order:
         parts = samples[key]
         if not SAFE_KEY.match(key):
             report.damaged.append(f"{path.name}: unsafe key {key!r} (only letters, digits, '_' and '-')")
-        if key in seen:
-            report.damaged.append(f"{path.name}: key {key!r} also in {seen[key]}")
-        seen[key] = path.name
         videos = [e for e in parts if e in VIDEO_EXT_SET]
         if len(videos) != 1 or "json" not in parts:
             report.damaged.append(f"{path.name}: key {key!r} has members {sorted(parts)}; "
@@ -92,13 +93,14 @@ def _read_shard(path: Path, report: Report, seen: dict[str, str], decode_n: int)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             report.damaged.append(f"{path.name}: key {key!r}: bad json ({e})")
             continue
-        if n < decode_n:
+        video = parts[videos[0]]
+        if isinstance(video, bytes):
             try:
-                decode_sample_check(parts[videos[0]])
+                decode_sample_check(video)
                 report.decoded += 1
             except BadClip as e:
                 report.damaged.append(f"{path.name}: key {key!r}: {e}")
-        n += 1
+        report.samples += 1
         report.per_source[str(meta.get("source", "unknown"))] += 1
         if meta.get("duration") is not None:
             report.durations.append(float(meta["duration"]))
@@ -106,10 +108,21 @@ def _read_shard(path: Path, report: Report, seen: dict[str, str], decode_n: int)
             report.resolutions[f"{meta['width']}x{meta['height']}"] += 1
         if meta.get("fps"):
             report.fps[round(float(meta["fps"]), 2)] += 1
-    return n
+    return report, order
 
 
-def inspect(folder: str | Path, decode_per_shard: int = 1, progress: bool = True) -> Report:
+def _merge(total: Report, part: Report) -> None:
+    total.shards += part.shards
+    total.samples += part.samples
+    total.decoded += part.decoded
+    total.damaged += part.damaged
+    total.per_source.update(part.per_source)
+    total.durations += part.durations
+    total.resolutions.update(part.resolutions)
+    total.fps.update(part.fps)
+
+
+def inspect(folder: str | Path, decode_per_shard: int = 1, progress: bool = True, workers: int = 1) -> Report:
     """Check every shard in `folder` against its index. decode_per_shard < 0 decodes every sample."""
     folder = Path(folder)
     report = Report()
@@ -118,14 +131,25 @@ def inspect(folder: str | Path, decode_per_shard: int = 1, progress: bool = True
         return report
     shards, index = _shard_list(folder, report.damaged)
     counts = {s["file"]: s["samples"] for s in index["shards"]} if index else {}
-    seen: dict[str, str] = {}
     decode_n = 1 << 62 if decode_per_shard < 0 else decode_per_shard
-    for path in tqdm(shards, unit="shard", desc="verify", disable=not progress):
-        report.shards += 1
-        n = _read_shard(path, report, seen, decode_n)
-        report.samples += n
-        if path.name in counts and counts[path.name] != n:
-            report.damaged.append(f"{path.name}: {n} readable samples, index says {counts[path.name]}")
+    seen: dict[str, str] = {}
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=quiet_decoders) \
+        if workers > 1 else None
+    results = pool.map(_read_shard, shards, repeat(decode_n)) if pool else map(_read_shard, shards, repeat(decode_n))
+    try:
+        for path, (part, keys) in tqdm(zip(shards, results), total=len(shards), unit="shard", desc="verify",
+                                       disable=not progress):
+            _merge(report, part)
+            for key in keys:
+                if key in seen:
+                    report.damaged.append(f"{path.name}: key {key!r} also in {seen[key]}")
+                seen[key] = path.name
+            if path.name in counts and counts[path.name] != part.samples:
+                report.damaged.append(f"{path.name}: {part.samples} readable samples, index says "
+                                      f"{counts[path.name]}")
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     if index and report.samples != index.get("total_samples"):
         report.damaged.append(f"{INDEX}: total_samples {index.get('total_samples')} but found {report.samples}")
     if not shards:

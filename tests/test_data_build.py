@@ -100,10 +100,13 @@ def test_verify_fails_on_damaged_shards(shards, tmp_path):
     first = sorted(bad.glob("shard-*.tar"))[0]
     first.write_bytes(first.read_bytes()[:1500])  # truncated in the middle of a member
     (bad / "shard-000009.tar").write_bytes(b"garbage")  # not in the index, not a tar
-    report = inspect(bad, progress=False)
+    second = sorted(bad.glob("shard-*.tar"))[1]
+    (bad / "shard-000010.tar").write_bytes(second.read_bytes())  # the same keys twice
+    report = inspect(bad, progress=False, workers=2)
     assert not report.ok
     text = "\n".join(report.damaged)
     assert first.name in text and "shard-000009.tar" in text
+    assert "shard-000010.tar: key '" in text and f"also in {second.name}" in text
     res = run_cli("verify", str(bad), "--quiet")
     assert res.returncode == 1 and f"DAMAGED {first.name}" in res.stdout
 
