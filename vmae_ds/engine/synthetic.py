@@ -7,7 +7,6 @@ the reconstruction loss falls when the same clips come round again.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
@@ -39,7 +38,7 @@ def synthetic_clip(seed: int, frames: int, size: int) -> torch.Tensor:
 
 
 class SyntheticLoader:
-    """Infinite batches {video, encoder_mask, decoder_mask?} for one rank.
+    """Endless batches {video, encoder_mask, decoder_mask?} for one rank.
 
     Rank r's batch i holds pool videos ((i * world + r) * batch_videos + j) mod num_videos, each repeated
     `num_sample` times with fresh masks: the pool is walked like an epoch of a real dataset.
@@ -77,7 +76,7 @@ class SyntheticLoader:
 
     def __len__(self) -> int:
         """Batches per epoch (for this rank)."""
-        return max(1, math.ceil(self.num_videos / (self.batch_videos * self.world)))
+        return max(1, self.num_videos // (self.batch_videos * self.world))  # floor, as the authors count
 
     def state_dict(self) -> dict:
         return {"index": self.index}

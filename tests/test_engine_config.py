@@ -1,0 +1,172 @@
+"""Run config, DeepSpeed config validation, recipe arithmetic, synthetic data: fast, in-process."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from engine_helpers import ROOT, write_config
+
+from vmae_ds.config import ConfigError
+from vmae_ds.engine.ds_setup import load_ds_json, resolve_ds_config
+from vmae_ds.engine.optim import derive, lr_at, param_groups
+from vmae_ds.engine.run_config import OptimConfig, load_run_config
+from vmae_ds.engine.synthetic import SyntheticLoader
+from vmae_ds.masking import TokenGrid
+from vmae_ds.models import create_pretrain_model
+
+
+def _derived(cfg, world=2):
+    return derive(cfg.optim, world_size=world, num_sample=cfg.data.num_sample, batches_per_epoch=4)
+
+
+def test_unknown_key_is_one_line_error_naming_it(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_run_config(write_config(tmp_path / "c.yaml"), ["optim.bacth_size=4"])
+    msg = str(e.value)
+    assert "\n" not in msg and "unknown config key 'optim.bacth_size'" in msg and "batch_size" in msg
+
+
+def test_mismatched_batch_is_one_line_error_naming_it(tmp_path):
+    ds = load_ds_json(ROOT / "ds_configs" / "zero3.json")
+    ds["train_micro_batch_size_per_gpu"] = 16
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    cfg = load_run_config(write_config(tmp_path / "c.yaml", deepspeed_config=str(tmp_path / "ds.json")))
+    with pytest.raises(ConfigError) as e:
+        resolve_ds_config(cfg, _derived(cfg))
+    msg = str(e.value)
+    assert "\n" not in msg and "train_micro_batch_size_per_gpu=16" in msg
+    assert "optim.batch_size 2 x data.num_sample 2" in msg and "4" in msg
+
+
+def test_global_batch_mismatch_names_world_size(tmp_path):
+    ds = {"train_batch_size": 64, "zero_optimization": {"stage": 2}}
+    cfg = load_run_config(write_config(tmp_path / "c.yaml"))
+    with pytest.raises(ConfigError, match=r"train_batch_size=64 .* world size 2"):
+        resolve_ds_config(cfg, _derived(cfg), ds)
+
+
+@pytest.mark.parametrize("bad,match", [({"optimizer": {"type": "Adam"}}, "remove the 'optimizer' section"),
+                                       ({"fp16": {"enabled": True}}, "fp16 is not supported"),
+                                       ({"zero_optimization": {"stage": 0}}, "stage must be 1, 2 or 3"),
+                                       ({"bf16": {"enabled": True}}, r"bf16: enabled=True disagrees")])
+def test_contradicting_ds_sections_rejected(tmp_path, bad, match):
+    cfg = load_run_config(write_config(tmp_path / "c.yaml"))  # precision fp32
+    ds = {"zero_optimization": {"stage": 3}, **bad}
+    with pytest.raises(ConfigError, match=match):
+        resolve_ds_config(cfg, _derived(cfg), ds)
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])
+def test_shipped_ds_configs_resolve(tmp_path, name):
+    cfg = load_run_config(write_config(tmp_path / "c.yaml", precision="bf16",
+                                       deepspeed_config=str(ROOT / "ds_configs" / f"{name}.json")))
+    ds = resolve_ds_config(cfg, _derived(cfg))
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["train_batch_size"] == 8
+    assert ds["bf16"] == {"enabled": True} and ds["gradient_clipping"] == 1.0
+    assert AUTO_FREE(ds)
+
+
+def AUTO_FREE(obj) -> bool:
+    if isinstance(obj, dict):
+        return all(AUTO_FREE(v) for v in obj.values())
+    return obj != "auto"
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "vmae_ds.pretrain", *args], cwd=ROOT, capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml")
+    r = _cli("--config", str(cfg), "--check", "masks.encoder_ratoi=0.5")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "unknown config key 'masks.encoder_ratoi'" in r.stderr
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_batch_size": 3, "zero_optimization": {"stage": 3}}))
+    r = _cli("--config", str(cfg), "--check", f"deepspeed_config={ds}")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "train_batch_size=3" in r.stderr
+
+
+def test_help_explains_usage():
+    r = _cli("--help")
+    assert r.returncode == 0
+    for word in ("--resume", "auto", "deepspeed --num_gpus", "vmae-export", "key.sub=value"):
+        assert word in r.stdout
+
+
+@pytest.mark.parametrize("recipe,lr,warmup", [("vit_base_hybrid", 1e-3 * 2048 / 256, 20),
+                                               ("vit_giant_hybrid", 6e-4 * 2048 / 256, 30)])
+def test_recipes_derive_the_reference_values(recipe, lr, warmup):
+    import os
+    # 64 GPUs x 32 clips (x num_sample 4): the authors' ViT-g setup; the clip count stands in for the index
+    env = dict(os.environ, WORLD_SIZE="64")
+    r = _cli("--config", f"configs/pretrain/{recipe}.yaml", "--check", "data.kind=synthetic",
+             "data.synthetic.num_videos=1349000", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "global batch 2048 videos (8192 samples/step after num_sample, micro batch 128/GPU)" in r.stdout
+    assert f"-> actual lr {lr:.4g} (= base * 2048 / 256)" in r.stdout
+    assert "steps per epoch 658" in r.stdout and f"warmup steps {warmup * 658}" in r.stdout
+
+
+def _authors_cosine(base, final, epochs, niter, warmup_epochs, start_warmup):
+    """The authors' per-iteration schedule array (re-derived from their description)."""
+    warmup_iters = warmup_epochs * niter
+    warm = np.linspace(start_warmup, base, warmup_iters)
+    iters = np.arange(epochs * niter - warmup_iters)
+    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((warm, cos))
+
+
+def test_lr_schedule_matches_reference_array():
+    opt = OptimConfig(batch_size=32, base_lr=1.5e-4, min_lr=1e-5, warmup_lr=1e-6, epochs=10, warmup_epochs=2)
+    d = derive(opt, world_size=8, num_sample=4, batches_per_epoch=50)
+    assert d.global_batch == 256 and d.lr == pytest.approx(1.5e-4) and d.steps_per_epoch == 50
+    ref = _authors_cosine(d.lr, d.min_lr, 10, 50, 2, d.warmup_lr)
+    ours = np.array([lr_at(i, d) for i in range(d.total_steps)])
+    assert len(ref) == d.total_steps and np.allclose(ours, ref, rtol=1e-12, atol=0)
+    assert ours[0] == pytest.approx(1e-6) and ours[99] == pytest.approx(1.5e-4) and ours[-1] > d.min_lr
+
+
+def test_param_groups_no_decay_on_norms_biases_mask_token():
+    model = create_pretrain_model("vit_tiny_debug")
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    dc = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {"mask_token", "encoder.blocks.0.norm1.weight", "encoder.blocks.0.attn.q_bias",
+            "encoder.blocks.0.attn.v_bias", "decoder.head.bias", "encoder.patch_embed.proj.bias"} <= nd
+    assert {"encoder.blocks.0.attn.qkv.weight", "encoder.blocks.0.mlp.fc1.weight", "decoder.head.weight",
+            "encoder.patch_embed.proj.weight", "encoder_to_decoder.weight"} <= dc
+    assert len(nd) + len(dc) == len(names)
+
+
+def _loader(rank=0, **kw):
+    masks = {"encoder": "tube", "encoder_ratio": 0.75, "decoder": "running_cell", "decoder_ratio": 0.5}
+    args = dict(num_videos=8, seed=3, frames=4, size=32, grid=TokenGrid(2, 4, 4), batch_videos=2, num_sample=2,
+                rank=rank, world_size=2, masks=masks)
+    return SyntheticLoader(**{**args, **kw})
+
+
+def test_synthetic_loader_is_deterministic_and_resumable():
+    a = _loader()
+    batches = [next(a) for _ in range(5)]
+    b = _loader()
+    b.load_state_dict({"index": 3})
+    again = next(b)
+    for k in ("video", "encoder_mask", "decoder_mask"):
+        assert torch.equal(again[k], batches[3][k])
+    assert batches[0]["video"].shape == (4, 3, 4, 32, 32) and batches[0]["video"].dtype == torch.uint8
+    # each video is repeated num_sample times with different masks
+    assert torch.equal(batches[0]["video"][0], batches[0]["video"][1])
+    other = next(_loader(rank=1))
+    assert not torch.equal(other["video"], batches[0]["video"])
+    assert len(a) == 2  # 8 videos / (2 per rank x 2 ranks)
+    assert math.isclose(batches[0]["encoder_mask"].float().mean().item(), 0.75)
