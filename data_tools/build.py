@@ -134,19 +134,23 @@ def build_shards(manifest: str | Path, out: str | Path, *, prefix: str = "shard"
     for stale in out.glob(f"{prefix}-*.tar.tmp"):
         stale.unlink()  # leftovers of a killed run; their shards are redone below
     pending = [i for i in range(num_shards) if i not in done]
-    tasks = []
-    for s in pending:
-        for pos in order[s * shard_size:(s + 1) * shard_size]:
-            row = rows[pos]
-            path = Path(row.path) if Path(row.path).is_absolute() else base / row.path
-            tasks.append((pos, row.__dict__, str(path), clip))
+
+
+    def tasks():  # generated lazily: a million-row manifest needs no second copy in memory
+        for s in pending:
+            for pos in order[s * shard_size:(s + 1) * shard_size]:
+                row = rows[pos]
+                path = Path(row.path) if Path(row.path).is_absolute() else base / row.path
+                yield pos, row.__dict__, str(path), clip
+
+    total = sum(len(order[s * shard_size:(s + 1) * shard_size]) for s in pending)
     if done:
         print(f"resuming: {len(done)} of {num_shards} shards already finished, {len(pending)} to build")
 
     crash_after = int(os.environ.get(CRASH_ENV, "-1"))
-    bar = tqdm(total=len(tasks), unit="clip", desc="build", disable=not progress, smoothing=0.05)
+    bar = tqdm(total=total, unit="clip", desc="build", disable=not progress, smoothing=0.05)
     failures = 0
-    task_iter = run_ordered(tasks, workers)
+    task_iter = run_ordered(tasks(), workers)
     try:
         for n_built, s in enumerate(pending):
             name = names[s]

@@ -125,7 +125,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--crf", type=int, default=23, help="re-encode: x264 quality, lower is better (default 23)")
     b.add_argument("--min-frames", type=int, default=16,
                    help="skip clips with fewer frames than this as too short (default 16)")
-    b.add_argument("--shuffle-seed", type=int, help="shuffle rows with this seed before sharding")
+    b.add_argument("--shuffle-seed", type=int,
+                   help="shuffle rows with this seed before sharding: use it for folder manifests (sorted by "
+                   "path, so classes would cluster in shards); hybrid manifests are already mixed")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
 
     for name, text in (("verify", "check shards: tar integrity, keys, decoding, counts (exit 1 on damage)"),

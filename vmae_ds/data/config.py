@@ -22,8 +22,10 @@ class DataConfig(BaseModel):
     scales: tuple[float, ...] = Field((1, .875, .75, .66), description="crop sizes as shares of the short side")
     num_sample: int = Field(4, ge=1, description="repeated augmentation: crops (and masks) per decoded clip")
     num_workers: int = Field(2, ge=0, description="decoding processes per rank (0 = in the main process)")
-    resampled: bool = Field(True, description="draw shards with replacement forever (pretraining); "
-                            "False = exact epochs over the shards")
+    resampled: bool = Field(True, description="draw shards with replacement forever (pretraining). False: "
+                            "epochs of len(loader) batches on every rank; each epoch deals a new shard order to "
+                            "the rank x worker readers, a reader whose shards run out reads them again, clips "
+                            "past a reader's share wait for the next epoch's deal (webdataset-style epochs)")
     backend: Literal["decord", "pyav"] = "decord"
     pin_memory: bool = Field(True, description="pin batches (only when CUDA is available)")
     persistent_workers: bool = True
