@@ -25,7 +25,7 @@ class DataConfig(BaseModel):
     resampled: bool = Field(True, description="draw shards with replacement forever (pretraining). False: "
                             "epochs of len(loader) batches on every rank; each epoch deals a new shard order to "
                             "the rank x worker readers, a reader whose shards run out reads them again, clips "
-                            "past a reader's share wait for the next epoch's deal (webdataset-style epochs)")
+                            "past a reader's share are left out of that epoch (webdataset-style epochs)")
     backend: Literal["decord", "pyav"] = "decord"
     pin_memory: bool = Field(True, description="pin batches (only when CUDA is available)")
     persistent_workers: bool = True
