@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -152,6 +153,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `vmae-shards stats DIR | head` exits quietly
     a = parser().parse_args(argv)
     commands = {"manifest": _cmd_manifest, "hybrid": _cmd_hybrid, "build": _cmd_build, "synth": _cmd_synth,
                 "verify": lambda x: _cmd_check(x, True), "stats": lambda x: _cmd_check(x, False)}
