@@ -54,6 +54,7 @@ class ShardReader:
         self.urls, self.cfg, self.rank, self.world, self.workers = urls, cfg, rank, world_size, workers
         self.seed, self.w, self.bpe = seed, w, batches_per_epoch
         self._open: tuple[int, int] | None = None
+        self._name = ""
         self._it: Iterator[dict] | None = None
 
     def shard_for(self, epoch: int, chunk: int) -> str:
@@ -86,16 +87,17 @@ class ShardReader:
             if self._open != (pos["epoch"], pos["chunk"]):
                 url = self.shard_for(pos["epoch"], pos["chunk"])
                 self._it, self._open = self.samples(url, pos), (pos["epoch"], pos["chunk"])
+                self._name = url.rsplit("/", 1)[-1]
                 for _ in range(pos["offset"]):  # resume: skip consumed samples, no decoding
                     if next(self._it, None) is None:
                         break
             sample = next(self._it, None)
             if sample is not None:
                 pos["offset"] += 1
-                sample["__shard__"] = self.shard_for(pos["epoch"], pos["chunk"]).rsplit("/", 1)[-1]
+                sample["__shard__"] = self._name
                 return sample
             if pos["offset"] == 0:
-                empty_draws.append(self.shard_for(pos["epoch"], pos["chunk"]))
+                empty_draws.append(self._name)
                 if len(empty_draws) >= self.cfg.max_bad_shards_in_a_row:
                     raise RuntimeError(f"rank {self.rank} worker {self.w}: {len(empty_draws)} shard draws in a "
                                        f"row gave no sample: {sorted(set(empty_draws))[:5]}")
