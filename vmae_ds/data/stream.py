@@ -137,6 +137,15 @@ def decode_clip(data: bytes, meta: dict, cfg: DataConfig, gen: torch.Generator) 
     return frames
 
 
+def augment(frames: torch.Tensor, cfg: DataConfig, gen: torch.Generator) -> list[torch.Tensor]:
+    """Repeated augmentation: num_sample multi-scale crops of one decoded clip, each (3, T, S, S) uint8."""
+    h, w = frames.shape[-2:]
+    if min(h, w) * min(cfg.scales) < 1:
+        raise DecodeError(f"frames of {w}x{h} are too small to crop")
+    return [crop_resize(frames, multiscale_crop_box(h, w, cfg.input_size, cfg.scales, gen), cfg.input_size)
+            for _ in range(cfg.num_sample)]
+
+
 class ClipStream(IterableDataset):
     """Yields whole batches {video uint8 (B, 3, T, S, S), label (B,), __pos__} forever."""
 
@@ -169,20 +178,17 @@ class ClipStream(IterableDataset):
                 key = sample.get("__key__", "?")
                 try:
                     data, meta = parse_sample(sample)
-                    frames = decode_clip(data, meta, self.cfg, gen)
-                except (CorruptSample, DecodeError) as e:
+                    crops = augment(decode_clip(data, meta, self.cfg, gen), self.cfg, gen)
+                except Exception as e:  # any bad sample is skipped and counted; training goes on
                     pos["corrupt"] += 1
                     shard = sample["__shard__"]
-                    _remember(pos, f"{shard}:{key}: {e}")
+                    _remember(pos, f"{shard}:{key}: {type(e).__name__}: {e}")
                     log.warning("skipped corrupt sample %s in %s: %s", key, shard, e)
                     continue
                 pos["decoded"] += 1
-                h, w_ = frames.shape[-2:]
-                for _ in range(self.cfg.num_sample):  # repeated augmentation: new crop per repeat
-                    box = multiscale_crop_box(h, w_, self.cfg.input_size, self.cfg.scales, gen)
-                    clips.append(crop_resize(frames, box, self.cfg.input_size))
+                clips += crops
                 label = meta.get("label")
-                labels += [int(label) if isinstance(label, int) else -1] * self.cfg.num_sample
+                labels += [int(label) if isinstance(label, int) else -1] * len(crops)
             pos["batch"] = j + 1
             yield {"video": torch.stack(clips), "label": torch.tensor(labels, dtype=torch.long),
                    "__pos__": json.loads(json.dumps(pos))}
