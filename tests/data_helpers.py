@@ -108,12 +108,12 @@ def sample_keys(folder: Path) -> dict[str, bytes]:
 
 
 def write_shard_with_bad_samples(good_shard: Path, out: Path) -> tuple[Path, int, list[str]]:
-    """Copy of a good shard with two corrupt samples inserted: garbage video bytes, and broken json.
+    """Copy of a good shard with corrupt samples inserted: garbage video, broken json, a bad json value.
 
     Returns (path, good samples, corrupt keys).
     """
     samples = list(wds.WebDataset(str(good_shard), shardshuffle=False, empty_check=False))
-    bad_keys = ["zz_garbage_video", "zz_bad_json"]
+    bad_keys = ["zz_garbage_video", "zz_bad_json", "zz_bad_window"]
     with wds.TarWriter(str(out), encoder=False) as w:
         for i, s in enumerate(samples):
             w.write({"__key__": s["__key__"], "mp4": s["mp4"], "json": s["json"]})
@@ -121,6 +121,7 @@ def write_shard_with_bad_samples(good_shard: Path, out: Path) -> tuple[Path, int
                 w.write({"__key__": bad_keys[0], "mp4": b"\x00" * 3000, "json": s["json"]})
             if i == 1:
                 w.write({"__key__": bad_keys[1], "mp4": s["mp4"], "json": b"{not json"})
+                w.write({"__key__": bad_keys[2], "mp4": s["mp4"], "json": b'{"frame_start": "soon"}'})
     return out, len(samples), bad_keys
 
 
