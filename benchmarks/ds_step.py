@@ -79,7 +79,8 @@ def run_ds_step(cell: Cell, device: torch.device, warmup: int, steps: int) -> di
         step()  # float(loss) synchronises the device
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    out = {"cell": cell.to_dict(), "zero_stage": 3, "precision": "bf16 (DeepSpeed bf16 weights)",
+    out = {"cell": cell.to_dict(), "zero_stage": engine.zero_optimization_stage(),
+           "precision": "bf16 weights (DeepSpeed)" if engine.bfloat16_enabled() else "fp32",
            "world_size": torch.distributed.get_world_size(), "step_times_s": times, "step_time_s": med,
            "time_per_clip_s": med / cell.batch, "clips_per_s": cell.batch / med,
            "deepspeed": deepspeed.__version__, "kernel_used": model.kernel.used}
