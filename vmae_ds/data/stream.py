@@ -25,7 +25,13 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from vmae_ds.data.config import DataConfig
 from vmae_ds.data.decode import DecodeError, open_video
-from vmae_ds.data.transforms import crop_resize, multiscale_crop_box, to_tchw, train_indices
+from vmae_ds.data.transforms import (
+    crop_resize_thwc,
+    multiscale_crop_box,
+    stack_channels_first,
+    to_tchw,
+    train_indices,
+)
 
 log = logging.getLogger("vmae_ds.data")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "m4v", "flv", "mpg", "mpeg", "3gp", "ts")
@@ -138,11 +144,11 @@ def decode_clip(data: bytes, meta: dict, cfg: DataConfig, gen: torch.Generator) 
 
 
 def augment(frames: torch.Tensor, cfg: DataConfig, gen: torch.Generator) -> list[torch.Tensor]:
-    """Repeated augmentation: num_sample multi-scale crops of one decoded clip, each (3, T, S, S) uint8."""
+    """Repeated augmentation: num_sample multi-scale crops of one decoded clip, each (T, S, S, 3) uint8."""
     h, w = frames.shape[-2:]
     if min(h, w) * min(cfg.scales) < 1:
         raise DecodeError(f"frames of {w}x{h} are too small to crop")
-    return [crop_resize(frames, multiscale_crop_box(h, w, cfg.input_size, cfg.scales, gen), cfg.input_size)
+    return [crop_resize_thwc(frames, multiscale_crop_box(h, w, cfg.input_size, cfg.scales, gen), cfg.input_size)
             for _ in range(cfg.num_sample)]
 
 
@@ -190,5 +196,5 @@ class ClipStream(IterableDataset):
                 label = meta.get("label")
                 labels += [int(label) if isinstance(label, int) else -1] * len(crops)
             pos["batch"] = j + 1
-            yield {"video": torch.stack(clips), "label": torch.tensor(labels, dtype=torch.long),
+            yield {"video": stack_channels_first(clips), "label": torch.tensor(labels, dtype=torch.long),
                    "__pos__": json.loads(json.dumps(pos))}

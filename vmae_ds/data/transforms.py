@@ -8,6 +8,7 @@ resize to input_size x input_size. No flip in pretraining.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -62,6 +63,33 @@ def crop_resize(frames: torch.Tensor, box: tuple[int, int, int, int], size: int)
     if (ch, cw) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return x.permute(1, 0, 2, 3)
+
+
+def crop_resize_thwc(frames: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """Like crop_resize, but returns (T, size, size, 3): the decoder's channels-last memory order.
+
+    The uint8 antialiased resize is fastest on channels-last input (decoder output is (T, H, W, 3)),
+    and the one transposition to channels-first is done per batch by `stack_channels_first`.
+    """
+    top, left, ch, cw = box
+    x = frames[:, :, top:top + ch, left:left + cw]
+    if (ch, cw) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x.permute(0, 2, 3, 1)
+
+
+def stack_channels_first(crops_thwc: list[torch.Tensor]) -> torch.Tensor:
+    """[(T, S, S, 3)] * B -> uint8 (B, 3, T, S, S) contiguous, one plane copy per channel.
+
+    numpy's strided copy does this transposition about 3x faster than torch.stack of permuted views.
+    """
+    t, h, w, _ = crops_thwc[0].shape
+    out = np.empty((len(crops_thwc), 3, t, h, w), dtype=np.uint8)
+    for i, crop in enumerate(crops_thwc):
+        src = crop.numpy()
+        for c in range(3):
+            out[i, c] = src[..., c]
+    return torch.from_numpy(out)
 
 
 def to_tchw(frames_thwc) -> torch.Tensor:
