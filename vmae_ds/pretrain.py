@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="validate the run config and DeepSpeed JSON, print the derived values, and exit")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)  # launcher's
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,7 +66,8 @@ def build_loader(cfg: RunConfig, rank: int, world: int) -> Any:
                                size=spec.img_size, grid=grid, batch_videos=cfg.optim.batch_size,
                                num_sample=cfg.data.num_sample, rank=rank, world_size=world, masks=masks)
     from ..data import build_pretrain_loader, default_mask_fn
-    mask_fn = default_mask_fn(grid, **masks)
+    mask_fn = default_mask_fn(grid, encoder_kind=masks["encoder"], encoder_ratio=masks["encoder_ratio"],
+                              decoder_kind=masks["decoder"], decoder_ratio=masks["decoder_ratio"])
     return build_pretrain_loader(cfg.shards_config(), batch_size=cfg.optim.batch_size * cfg.data.num_sample,
                                  rank=rank, world_size=world, seed=cfg.seed, mask_fn=mask_fn)
 
