@@ -12,7 +12,9 @@ from pathlib import Path
 import av
 import decord
 
-from data_tools.manifest import ClipRow
+from data_tools.manifest import VIDEO_EXTS, ClipRow
+
+VIDEO_EXT_NAMES = {e.lstrip(".") for e in VIDEO_EXTS}
 
 
 @dataclass(frozen=True)
@@ -175,13 +177,15 @@ def process_clip(task: tuple[int, dict, str, ClipSettings]) -> ClipResult:
             data = f.read()
         if not data:
             raise BadClip("empty file (0 bytes)")
-        ext = Path(path).suffix.lower().lstrip(".") or "mp4"
+        ext = Path(path).suffix.lower().lstrip(".")
+        if ext not in VIDEO_EXT_NAMES:
+            ext = "mp4"  # only a member name: decoders recognise the container from the bytes
         if settings.reencode:
             data, ext = reencode(data, settings.short_side, settings.keyint, settings.crf), "mp4"
-        # The window needs fps, which needs an open reader: probe once, then clip the window.
-        info = probe(data, 1)
-        window = _window(row, info["fps"])
-        info = probe(data, settings.min_frames, window)
+        if row.start is None and row.end is None and row.start_frame is None:
+            info = probe(data, settings.min_frames)
+        else:  # a window in seconds needs the fps, hence an open reader first
+            info = probe(data, settings.min_frames, _window(row, probe(data, 1)["fps"]))
     except BadClip as e:
         return ClipResult(index, key, False, reason=str(e))
     except OSError as e:

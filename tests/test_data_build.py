@@ -163,3 +163,11 @@ def test_a_clip_that_crashes_its_worker_is_skipped_with_the_reason(corpus, tmp_p
     errors = [json.loads(x) for x in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
     assert errors == [{"row": 3, "key": "000000003_crash", "path": str(crash), "source": "k710",
                        "reason": workpool.CRASH_REASON}]
+
+
+def test_manifest_windows_become_frame_windows(corpus):
+    path = str(corpus.good[0])  # 30 frames at 25 fps
+    ok = process_clip((0, {"path": path, "start_frame": 10, "num_frames": 20}, path, ClipSettings()))
+    assert ok.ok and (ok.meta["frame_start"], ok.meta["frame_end"], ok.meta["duration"]) == (10, 30, 0.8)
+    short = process_clip((1, {"path": path, "start": 0.2, "end": 0.6}, path, ClipSettings()))
+    assert not short.ok and short.reason == "too short: 10 frames in window [5, 15) < --min-frames 16"
