@@ -102,7 +102,7 @@ def test_pyav_backend_gives_the_same_batches_as_decord(shards):
     assert same(take(make_loader(cfg), 2), take(make_loader(cfg.model_copy(update={"backend": "pyav"})), 2))
 
 
-def test_corrupt_samples_are_skipped_and_counted_and_bad_shards_named(shards, tmp_path):
+def test_corrupt_samples_are_skipped_and_counted_and_bad_shards_named(shards, tmp_path, caplog):
     folder = tmp_path / "mixed"
     folder.mkdir()
     _, good, bad_keys = write_shard_with_bad_samples(sorted(shards.glob("*.tar"))[0], folder / "a.tar")
@@ -116,6 +116,8 @@ def test_corrupt_samples_are_skipped_and_counted_and_bad_shards_named(shards, tm
     assert stats["bad_shards"].get("broken.tar", 0) >= 1
     problems = "\n".join(stats["recent_problems"])
     assert all(k in problems for k in bad_keys) and "broken.tar" in problems
+    logged = [r.getMessage() for r in caplog.records if "skipped so far" in r.getMessage()]
+    assert logged and "broken.tar" in logged[-1]  # the training log hears about it too
 
 
 def test_exact_epochs_give_every_rank_the_same_number_of_batches(shards):

@@ -79,6 +79,10 @@ class _EvalStream(IterableDataset):
                     yield {"index": g, "video": None, "label": -1, "valid": False}
 
 
+def _as_is(item: dict) -> dict:
+    return item  # module level (not a lambda) so spawn-started workers can pickle it
+
+
 class EvalLoader:
     """Test-time views for one rank: {video uint8 (B, V, 3, T, S, S), label (B,), valid (B,), index (B,)}.
 
@@ -104,8 +108,7 @@ class EvalLoader:
     def __iter__(self) -> Iterator[dict]:
         ds = _EvalStream(self.urls, self.counts, self.cfg, self.rank, self.world, self.num_clips, self.num_crops)
         nw = self.cfg.num_workers
-        dl = DataLoader(ds, batch_size=None, num_workers=nw, collate_fn=lambda x: x,
-                        generator=torch.Generator())
+        dl = DataLoader(ds, batch_size=None, num_workers=nw, collate_fn=_as_is, generator=torch.Generator())
         t, s, v = self.cfg.num_frames, self.cfg.input_size, self.num_clips * self.num_crops
         zero = torch.zeros(v, 3, t, s, s, dtype=torch.uint8)
         pad = {"index": -1, "video": None, "label": -1, "valid": False}

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from vmae_ds.data.config import DataConfig
 from vmae_ds.data.shards import resolve_shards
-from vmae_ds.data.stream import ClipStream, derive_seed, initial_position
+from vmae_ds.data.stream import ClipStream, derive_seed, initial_position, log
 from vmae_ds.masking import TokenGrid, make_masks
 
 MaskFn = Callable[[int, torch.Generator], "tuple[torch.Tensor, torch.Tensor | None]"]
@@ -94,7 +94,13 @@ class PretrainLoader:
         while stop is None or self._k < stop:
             raw = next(self._it)
             pos = raw.pop("__pos__")
-            self._pos[pos["worker"]] = pos
+            old, self._pos[pos["worker"]] = self._pos[pos["worker"]], pos
+            if pos["corrupt"] > old["corrupt"] or len(pos["bad_shards"]) > len(old["bad_shards"]):
+                # Said again here, in the training process, where the run's log handlers live.
+                st = self.stats()
+                log.warning("data: %d corrupt samples skipped so far; unreadable shards: %s; latest: %s",
+                            st["corrupt_samples"], sorted(st["bad_shards"]) or "none",
+                            pos["recent"][-1] if pos["recent"] else "")
             self._k += 1
             out = {"video": raw["video"]}
             if self.labels:
