@@ -191,3 +191,16 @@ def test_exact_epoch_mode_restores_across_the_epoch_boundary(shards):
     assert restored.epoch == 1
     assert same(list(restored), tail) and same(list(restored), epoch2)
     restored.close()
+
+
+def test_shard_draws_are_shuffled_within_blocks_and_reproducible(shards):
+    from vmae_ds.data.stream import ShardReader, initial_position
+
+    url = str(sorted(shards.glob("*.tar"))[0])
+    reader = ShardReader([url], small_cfg(shards, shuffle_block=4), 0, 1, 1, 0, 0, None)
+    keys = {seed: [s["__key__"] for s in reader.samples(url, initial_position(0), seed)] for seed in range(4)}
+    plain = [s["__key__"] for s in reader.samples(url, initial_position(0))]
+    assert all(sorted(k) == sorted(plain) for k in keys.values())
+    assert len({tuple(k) for k in keys.values()}) > 1  # different draws, different orders
+    again = [s["__key__"] for s in reader.samples(url, initial_position(0), 2)]
+    assert again == keys[2]

@@ -26,6 +26,8 @@ class DataConfig(BaseModel):
                             "epochs of len(loader) batches on every rank; each epoch deals a new shard order to "
                             "the rank x worker readers, a reader whose shards run out reads them again, clips "
                             "past a reader's share are left out of that epoch (webdataset-style epochs)")
+    shuffle_block: int = Field(16, ge=1, description="shuffle each shard draw within blocks of this many "
+                               "clips (memory: block x clip size per worker); 1 = shard order")
     backend: Literal["decord", "pyav"] = "decord"
     pin_memory: bool = Field(True, description="pin batches (only when CUDA is available)")
     persistent_workers: bool = True

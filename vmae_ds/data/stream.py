@@ -75,12 +75,16 @@ class ShardReader:
         mine = order[g::total] or [order[g % len(order)]]
         return self.urls[mine[chunk % len(mine)]]
 
-    def samples(self, url: str, pos: dict) -> Iterator[dict]:
+    def samples(self, url: str, pos: dict, shuffle_seed: int | None = None) -> Iterator[dict]:
+        """The samples of one shard; with a seed, shuffled within blocks of cfg.shuffle_block."""
         name = url.rsplit("/", 1)[-1]
         try:
             with wds.gopen(url, "rb") as stream:
                 files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-                yield from group_by_keys(files)
+                grouped = group_by_keys(files)
+                if shuffle_seed is not None and self.cfg.shuffle_block > 1:
+                    grouped = _block_shuffle(grouped, self.cfg.shuffle_block, shuffle_seed)
+                yield from grouped
         except Exception as e:  # unreadable or truncated shard: report it by name, go on with the next
             pos["bad_shards"][name] = pos["bad_shards"].get(name, 0) + 1
             _remember(pos, f"shard {name}: {type(e).__name__}: {e}")
@@ -92,7 +96,8 @@ class ShardReader:
         while True:
             if self._open != (pos["epoch"], pos["chunk"]):
                 url = self.shard_for(pos["epoch"], pos["chunk"])
-                self._it, self._open = self.samples(url, pos), (pos["epoch"], pos["chunk"])
+                seed = derive_seed(self.seed, self.rank, self.w, pos["epoch"], pos["chunk"], "order")
+                self._it, self._open = self.samples(url, pos, seed), (pos["epoch"], pos["chunk"])
                 self._name = url.rsplit("/", 1)[-1]
                 for _ in range(pos["offset"]):  # resume: skip consumed samples, no decoding
                     if next(self._it, None) is None:
@@ -108,6 +113,21 @@ class ShardReader:
                     raise RuntimeError(f"rank {self.rank} worker {self.w}: {len(empty_draws)} shard draws in a "
                                        f"row gave no sample: {sorted(set(empty_draws))[:5]}")
             pos["chunk"], pos["offset"] = pos["chunk"] + 1, 0
+
+
+def _block_shuffle(samples: Iterator[dict], block: int, seed: int) -> Iterator[dict]:
+    """Permute each run of `block` samples. A pure function of (shard, seed), so a resumed reader that
+    re-reads the shard and skips `offset` samples lands on exactly the same next sample."""
+    rng = random.Random(seed)
+    buf: list[dict] = []
+    for sample in samples:
+        buf.append(sample)
+        if len(buf) == block:
+            rng.shuffle(buf)
+            yield from buf
+            buf = []
+    rng.shuffle(buf)
+    yield from buf
 
 
 def _remember(pos: dict, text: str) -> None:
