@@ -20,7 +20,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 demo: setup  ## end-to-end: videos -> shards -> ZeRO-3 pretraining -> resume -> export
-	DS_ACCELERATOR=cpu bash scripts/demo.sh
+	bash scripts/demo.sh
 
 bench: setup  ## CPU-sized benchmark suite
 	$(PY) -m benchmarks --preset cpu --out reports/bench
