@@ -10,7 +10,7 @@ from data_helpers import build, make_corpus, shared_dir, write_shard_with_bad_sa
 
 from vmae_ds.data import DataConfig, build_pretrain_loader, default_mask_fn, normalize_on_device, token_grid
 from vmae_ds.data.shards import ShardSpecError
-from vmae_ds.data.stream import decode_clip, parse_sample
+from vmae_ds.data.stream import ShardReader, decode_clip, initial_position, parse_sample
 from vmae_ds.data.transforms import multiscale_crop_box, train_indices
 
 BATCH = 4  # samples per step = 2 clips x num_sample 2
@@ -194,8 +194,6 @@ def test_exact_epoch_mode_restores_across_the_epoch_boundary(shards):
 
 
 def test_shard_draws_are_shuffled_within_blocks_and_reproducible(shards):
-    from vmae_ds.data.stream import ShardReader, initial_position
-
     url = str(sorted(shards.glob("*.tar"))[0])
     reader = ShardReader([url], small_cfg(shards, shuffle_block=4), 0, 1, 1, 0, 0, None)
     keys = {seed: [s["__key__"] for s in reader.samples(url, initial_position(0), seed)] for seed in range(4)}
