@@ -62,6 +62,10 @@ class PretrainLoader:
                 raise ValueError(f"exact epochs (resampled=False) need sample counts: point shards at the "
                                  f"folder or index.json written by vmae-shards build, not {cfg.shards!r}")
             self.batches_per_epoch = sum(counts) // (world_size * self.videos_per_batch)
+            if len(self.urls) < world_size * self.workers:
+                log.warning("exact epochs: %d shards for %d ranks x %d workers; some shards are read by more "
+                            "than one reader per epoch (build smaller shards for exact coverage)",
+                            len(self.urls), world_size, self.workers)
             if self.batches_per_epoch < 1:
                 raise ValueError(f"{sum(counts)} clips cannot give every one of {world_size} ranks a batch of "
                                  f"{self.videos_per_batch} clips")
