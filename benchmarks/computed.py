@@ -7,6 +7,7 @@ SDPA kernel (it would miss the two attention matmuls), and model FLOPs do not de
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
@@ -41,19 +42,20 @@ def fake_step(cell: Cell, amp: torch.dtype | None, count_flops: bool = False) ->
     with torch.device("meta"):
         model = create_pretrain_model(cell.model, attention=cell.kernel, **cell.overrides())
     video, enc, dec = make_batch(model, cell, cell.batch, "cpu")  # real masks: the shadow needs their values
-    fwd_fc, bwd_fc = FlopCounterMode(display=False), FlopCounterMode(display=False)
     with fake_cpu() as mode:
         model = model.to_empty(device="cpu").train()
         video = mode.from_tensor(video)
         counter = SavedTensorCounter([*model.parameters(), *model.buffers()])
         model.set_activation_checkpointing("full" if cell.ckpt == "on" else "none", fn=counter.checkpoint_fn)
+        fwd_fc = FlopCounterMode(display=False) if count_flops else nullcontext()
         with counter, fwd_fc, attribute_to_blocks(counter, model_blocks(model)):
             loss = forward_loss(model, video, enc, dec, amp)
         out = {"saved_activation_bytes": counter.activation_bytes, "saved_param_bytes": counter.param_bytes,
-               "weight_cast_bytes": counter.weight_cast_bytes,
-               "max_block_bytes": counter.max_block_bytes}
+               "weight_cast_bytes": counter.weight_cast_bytes, "max_block_bytes": counter.max_block_bytes}
         if count_flops:
-            with bwd_fc:
+            if cell.ckpt == "on":
+                raise ValueError("count FLOPs without checkpointing: recompute is not model FLOPs")
+            with FlopCounterMode(display=False) as bwd_fc:
                 loss.backward()
             fwd, bwd = fwd_fc.get_total_flops(), bwd_fc.get_total_flops()
             out.update(fwd_flops_per_clip=fwd // cell.batch, train_flops_per_clip=(fwd + bwd) // cell.batch)

@@ -94,8 +94,10 @@ def model_blocks(model: PretrainVideoMAE) -> dict[str, torch.nn.Module]:
     return blocks | {f"decoder.{i}": b for i, b in enumerate(model.decoder.blocks)}
 
 
-def count_saved(model: PretrainVideoMAE, batch: tuple, amp: torch.dtype | None) -> SavedTensorCounter:
-    """Saved-for-backward bytes of one forward + loss (checkpoint inputs included), then backward."""
+def count_saved(model: PretrainVideoMAE, batch: tuple, amp: torch.dtype | None,
+                opt: torch.optim.Optimizer | None = None) -> SavedTensorCounter:
+    """Saved-for-backward bytes of one forward + loss (checkpoint inputs included), then backward and,
+    with `opt`, the optimizer step: a complete training step that serves as the first warm-up step."""
     ckpt_on = model.encoder.num_ckpt_blocks > 0
     buffers = [*model.parameters(), *model.buffers()]
     with SavedTensorCounter(buffers) as counter, attribute_to_blocks(counter, model_blocks(model)):
@@ -105,6 +107,8 @@ def count_saved(model: PretrainVideoMAE, batch: tuple, amp: torch.dtype | None) 
     if ckpt_on:
         model.set_activation_checkpointing("full", fn=plain_checkpoint)
     loss.backward()
+    if opt is not None:
+        opt.step()
     model.zero_grad(set_to_none=True)
     return counter
 
@@ -137,7 +141,7 @@ def _prepare(cell: Cell, device: torch.device, amp: torch.dtype | None) -> tuple
     model = build_model(cell, device)
     opt = make_optimizer(model)
     batch = make_batch(model, cell, cell.batch, device)
-    saved = count_saved(model, batch, amp)
+    saved = count_saved(model, batch, amp, opt)  # = warm-up step 1
     return model, opt, batch, saved
 
 
@@ -156,7 +160,7 @@ def measure_cuda(cell: Cell, device: torch.device, amp: torch.dtype | None, warm
     model, opt, batch, saved = _prepare(cell, device, amp)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    out = _result(cell, model, saved, timed_steps(model, opt, batch, amp, warmup, steps))
+    out = _result(cell, model, saved, timed_steps(model, opt, batch, amp, max(0, warmup - 1), steps))
     out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
     return out
 
@@ -167,7 +171,7 @@ def measure_interleaved(cells: list[Cell], device: torch.device, amp: torch.dtyp
     cell alike instead of whichever cell happened to run at a bad moment (no mode gets a quieter slot)."""
     prepared = [_prepare(c, device, amp) for c in cells]
     for model, opt, batch, _ in prepared:
-        timed_steps(model, opt, batch, amp, warmup, 0)
+        timed_steps(model, opt, batch, amp, max(0, warmup - 1), 0)
     times: list[list[float]] = [[] for _ in cells]
     for _ in range(steps):
         for i, (model, opt, batch, _) in enumerate(prepared):
