@@ -55,7 +55,7 @@ def _cmd_hybrid(a: argparse.Namespace) -> int:
 
 def _cmd_build(a: argparse.Namespace) -> int:
     clip = ClipSettings(reencode=a.reencode, short_side=a.short_side, keyint=a.keyint, crf=a.crf,
-                        min_frames=a.min_frames)
+                        min_frames=a.min_frames, full_check=a.full_check)
     summary = build_shards(a.manifest, a.out, prefix=a.prefix, shard_size=a.shard_size, workers=a.workers,
                            clip=clip, root=a.root, manifest_format=a.format, shuffle_seed=a.shuffle_seed,
                            progress=not a.quiet)
@@ -126,6 +126,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--crf", type=int, default=23, help="re-encode: x264 quality, lower is better (default 23)")
     b.add_argument("--min-frames", type=int, default=16,
                    help="skip clips with fewer frames than this as too short (default 16)")
+    b.add_argument("--full-check", action="store_true",
+                   help="copy mode: decode every frame to test the clip (default: first, middle and last "
+                   "frame; --reencode always decodes every frame)")
     b.add_argument("--shuffle-seed", type=int,
                    help="shuffle rows with this seed before sharding: use it for folder manifests (sorted by "
                    "path, so classes would cluster in shards); hybrid manifests are already mixed")

@@ -24,6 +24,7 @@ class ClipSettings:
     keyint: int = 16
     crf: int = 23
     min_frames: int = 16
+    full_check: bool = False  # decode every frame of the window, not only its first, middle and last
 
 
 @dataclass
@@ -69,7 +70,7 @@ def _first_line(e: BaseException) -> str:
     return (lines[0] if lines else type(e).__name__)[:200]
 
 
-def probe(data: bytes, min_frames: int, window: tuple[int, int | None] = (0, None)) -> dict:
+def probe(data: bytes, min_frames: int, window: tuple[int, int | None] = (0, None), full: bool = False) -> dict:
     """Open with decord (the loader's reader) and decode the first, middle and last frame of the window.
 
     Reading the last frame catches truncated files whose index is intact; an unreadable index fails
@@ -92,6 +93,9 @@ def probe(data: bytes, min_frames: int, window: tuple[int, int | None] = (0, Non
     wanted = sorted({start, (start + end) // 2, end - 1})
     try:
         frames = vr.get_batch(wanted).asnumpy()
+        for a in range(start, end, 32) if full else ():  # in chunks: a long clip needs no GBs of RAM
+            wanted = list(range(a, min(a + 32, end)))
+            vr.get_batch(wanted)
     except Exception:
         # The index opened but the frames are not all there: typically a file cut short.
         raise BadClip(f"damaged or truncated video: frames {wanted} of {n} not all decodable") from None
@@ -183,9 +187,10 @@ def process_clip(task: tuple[int, dict, str, ClipSettings]) -> ClipResult:
         if settings.reencode:
             data, ext = reencode(data, settings.short_side, settings.keyint, settings.crf), "mp4"
         if row.start is None and row.end is None and row.start_frame is None:
-            info = probe(data, settings.min_frames)
+            info = probe(data, settings.min_frames, full=settings.full_check and not settings.reencode)
         else:  # a window in seconds needs the fps, hence an open reader first
-            info = probe(data, settings.min_frames, _window(row, probe(data, 1)["fps"]))
+            window = _window(row, probe(data, 1)["fps"])
+            info = probe(data, settings.min_frames, window, full=settings.full_check and not settings.reencode)
     except BadClip as e:
         return ClipResult(index, key, False, reason=str(e))
     except OSError as e:

@@ -171,3 +171,11 @@ def test_manifest_windows_become_frame_windows(corpus):
     assert ok.ok and (ok.meta["frame_start"], ok.meta["frame_end"], ok.meta["duration"]) == (10, 30, 0.8)
     short = process_clip((1, {"path": path, "start": 0.2, "end": 0.6}, path, ClipSettings()))
     assert not short.ok and short.reason == "too short: 10 frames in window [5, 15) < --min-frames 16"
+
+
+def test_full_check_decodes_every_frame_of_good_clips_and_rejects_bad_ones(corpus):
+    full = ClipSettings(full_check=True)
+    good = [process_clip((i, {"path": str(p)}, str(p), full)) for i, p in enumerate(corpus.good[:3])]
+    assert all(r.ok and r.meta["num_frames"] == 30 for r in good)
+    cut = corpus.bad["cut_faststart.mp4"]
+    assert not process_clip((9, {"path": str(cut)}, str(cut), full)).ok
