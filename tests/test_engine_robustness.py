@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from engine_helpers import metrics, pointer, run, start, wait_for, write_config
+import torch
+from engine_helpers import ROOT, metrics, pointer, run, start, wait_for, write_config
 
 pytestmark = pytest.mark.distributed
 
@@ -31,8 +35,23 @@ def _group_alive(pgid: int, proc) -> bool:
     return True
 
 
+def _shards(tmp_path) -> Path:
+    """16 real H.264 clips in 4 WebDataset shards, via the data CLI."""
+    cli = [sys.executable, "-m", "data_tools"]
+    steps = [["synth", "--out", str(tmp_path / "videos"), "--n", "16", "--frames", "24", "--size", "48x64"],
+             ["manifest", str(tmp_path / "videos"), "--out", str(tmp_path / "videos.jsonl")],
+             ["build", "--manifest", str(tmp_path / "videos.jsonl"), "--out", str(tmp_path / "shards"),
+              "--shard-size", "4", "--workers", "0", "--quiet"]]
+    for args in steps:
+        subprocess.run(cli + args, check=True, capture_output=True, cwd=ROOT)
+    return tmp_path / "shards" / "index.json"
+
+
 def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
+    # also the one end-to-end run on real video shards (data.kind: shards -> vmae_ds.data)
+    shards = {"shards": str(_shards(tmp_path)), "sampling_rate": 2, "num_workers": 1, "backend": "pyav"}
     cfg = write_config(tmp_path / "c.yaml", name="term", output_dir=str(tmp_path / "runs"),
+                       data={"kind": "shards", "shards": shards},
                        debug={"step_sleep_s": 0.3}, checkpoint={"every_steps": 1000})
     run_dir = tmp_path / "runs" / "term"
     log = tmp_path / "log.txt"
@@ -49,4 +68,5 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
         proc.wait()
     last = max(metrics(run_dir))
     assert last < 24 and pointer(run_dir) == f"step_{last:08d}"
-    assert (run_dir / "checkpoints" / f"step_{last:08d}" / "rank_00001.pt").exists()
+    rank1 = torch.load(run_dir / "checkpoints" / f"step_{last:08d}" / "rank_00001.pt", weights_only=False)
+    assert rank1["loader"]["batches"] == last and rank1["loader"]["rank"] == 1  # the shard loader's position

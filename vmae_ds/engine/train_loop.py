@@ -122,7 +122,13 @@ def build_engine(cfg: RunConfig, ds: dict) -> Any:
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop agrees on it across ranks, checkpoints, and exits."""
+    """SIGTERM sets a flag; at the top of every step the ranks agree on it (one tiny all-reduce), save, exit.
+
+    A scheduler signals every process of the job, DataLoader workers included, and those die at once:
+    so the handler also drops torch's SIGCHLD hook (it would raise "worker killed" wherever the main
+    process happens to be), and no batch is drawn once the flag is seen. The loader's position lives
+    in the main process, so the checkpoint does not need the workers.
+    """
 
     def __init__(self) -> None:
         self.requested = False
@@ -130,6 +136,12 @@ class _Preemption:
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.requested = True
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
 
 
 def gathered_state(engine: Any) -> dict[str, torch.Tensor]:
@@ -206,11 +218,15 @@ def train(cfg: RunConfig, resume: str | None) -> int:
     stream = endless(loader)  # created after load_state_dict: the loader starts where the checkpoint left it
     try:
         while state["step"] < stop_at:
+            if preempt.agreed(device):
+                save()
+                raise RunStopped(f"pre-empted (SIGTERM): checkpoint {last_ckpt} written at step {state['step']}; "
+                                 f"continue with --resume auto", EXIT_PREEMPTED)
             step = state["step"]
             lr = lr_at(step, d)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
-            t0, wait, losses, preempted = time.perf_counter(), 0.0, [], False
+            t0, wait, losses = time.perf_counter(), 0.0, []
             while len(losses) < cfg.optim.grad_accum:
                 tw = time.perf_counter()
                 batch = next(stream)
@@ -226,10 +242,9 @@ def train(cfg: RunConfig, resume: str | None) -> int:
                 loss = reconstruction_loss(pred, target, enc, dec)
                 if state["batches"] in nan_batches and rank == 0:
                     loss = loss * float("nan")  # test hook: rank 0 only, so ranks must agree via all_reduce
-                # one small all-reduce: the summed loss (NaN anywhere -> NaN) and the pre-emption flag
-                probe = torch.tensor([loss.item(), float(preempt.requested)], dtype=torch.float64, device=device)
+                # the summed loss: NaN on any rank -> NaN on all, so every rank skips the same batch
+                probe = torch.tensor([loss.item()], dtype=torch.float64, device=device)
                 dist.all_reduce(probe)
-                preempted = preempted or probe[1].item() > 0
                 if not torch.isfinite(probe[0]):
                     # skip: no backward, no step; DeepSpeed's accumulation window simply waits for the next batch
                     state["nonfinite_total"] += 1
@@ -267,11 +282,8 @@ def train(cfg: RunConfig, resume: str | None) -> int:
                 avg["mfu"] = flops * avg["clips_per_s"] / (world * peak) if flops and peak else None
                 say(progress_line(avg, stop_at))
                 window = {"t": 0.0, "wait": 0.0, "loss": 0.0, "n": 0}
-            if step % cfg.checkpoint.every_steps == 0 or step == stop_at or preempted:
+            if step % cfg.checkpoint.every_steps == 0 or step == stop_at:
                 save()
-            if preempted:
-                raise RunStopped(f"pre-empted (SIGTERM): checkpoint {last_ckpt} written at step {step}; "
-                                 f"continue with --resume auto", EXIT_PREEMPTED)
             if cfg.debug.step_sleep_s:
                 time.sleep(cfg.debug.step_sleep_s)
         if cfg.debug.dump_gathered:
