@@ -83,6 +83,10 @@ def _f(x: float | None, spec: str = ".2f", scale: float = 1.0) -> str:
     return "–" if x is None else format(x / scale, spec)
 
 
+def _cap(batch: int, limit: int = 4096) -> str:
+    return f">{limit}" if batch > limit else str(batch)
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -98,7 +102,7 @@ def measured_table(rows: list[dict]) -> str:
              f"{_f(r['flops']['counted']['train_flops_per_clip'], '.4g', 1e9)}",
              _f(r.get("tflops"), ".3f"), _f(r.get("mfu"), ".1%"), _f(r["activation_bytes_per_clip"], ".1f", MIB),
              _f(r["weight_cast_bytes"], ".1f", MIB), _f(r.get("peak_allocated_bytes"), ".0f", MIB),
-             f"{r['max_batch']} (measured)" if "max_batch" in r else f"{r['max_batch_estimate']} (computed)"]
+             f"{r['max_batch']} (measured)" if "max_batch" in r else f"{_cap(r['max_batch_estimate'])} (computed)"]
             for r in rows]
     return _table(head, body)
 
@@ -113,15 +117,17 @@ def computed_table(rows: list[dict], budget_bytes: float) -> str:
              f"{_f(r['flops']['counted']['fwd_flops_per_clip'], '.4g', 1e9)}",
              _f(paper.get((r["model"], r["masking"])), ".2f"), _f(r["activation_bytes_per_clip"], ".1f", MIB),
              _f(r["max_block_bytes"] / r["batch"], ".1f", MIB), _f(r["working_set_bytes_per_clip"], ".1f", MIB),
-             str(r["max_batch_estimate"])] for r in rows]
+             _cap(r["max_batch_estimate"])] for r in rows]
     return _table(head, body)
 
 
 def ratio_table(rows: list[dict], explain: bool = False) -> str:
-    head = ["model", "kernel", "ckpt", "source", "FLOPs", "time", "paper time", "saved act", "working set",
+    head = ["model", "kernel", "ckpt", "source", "FLOPs", "time", "time w/o AdamW", "paper time", "saved act",
+            "working set",
             "peak mem", "paper mem", "max batch dual/enc"]
     body = [[r["model"] + (f" ({r['num_frames']}f)" if r["num_frames"] else ""), r["kernel"], r["ckpt"], r["source"],
-             _f(r["flops"]), _f(r["time"]), _f(r["paper_time"]), _f(r["saved"]), _f(r["working_set"]),
+             _f(r["flops"]), _f(r["time"]), _f(r.get("time_no_optimizer")), _f(r["paper_time"]), _f(r["saved"]),
+             _f(r["working_set"]),
              _f(r["peak"]), _f(r["paper_memory"], ".1f"), f"{_f(r['max_batch_gain'])} ({r['max_batch_source']})"]
             for r in rows]
     text = _table(head, body)
