@@ -28,7 +28,7 @@ PRESETS: dict[str, Preset] = {
     "gpu": Preset(
         "Full GPU run: every size timed at 16 frames, max micro-batch searched per cell, ViT-g under DeepSpeed.",
         measure={"S": (32, None), "B": (16, None), "L": (8, None), "H": (4, None), "g": (4, None)},
-        compute=("S", "B", "L", "H", "g"), warmup=3, steps=10, ds=("g", 8), search_max_batch=True),
+        compute=("S", "B", "L", "H", "g"), warmup=3, steps=10, ds=("g", 16), search_max_batch=True),
     "smoke": Preset(
         "Seconds-long check of every code path on the debug model (tests use it).",
         measure={"debug": (2, None)}, compute=("debug",), kernels=("math", "sdpa"), warmup=0, steps=1,

@@ -182,16 +182,17 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
     ax = axes[2]
-    shown = [r for r in ratios if r["time"] or r["working_set"]]
-    names = [f"{r['model']} {r['kernel']} {r['ckpt']}{' (c)' if r['source'] == 'computed' else ''}" for r in shown]
-    vals = [r["time"] or r["working_set"] for r in shown]
-    colors = ["tab:blue" if r["time"] else "tab:gray" for r in shown]
-    ax.barh(range(len(shown)), vals, color=colors)
-    ax.set_yticks(range(len(shown)), names, fontsize=6)
+    names = [f"{r['model']} {r['kernel']} {r['ckpt']}{' (c)' if r['source'] == 'computed' else ''}" for r in ratios]
+    y = range(len(ratios))
+    ax.barh([i + 0.2 for i in y], [r["time"] or 0 for r in ratios], height=0.4, color="tab:blue",
+            label="time (measured)")
+    ax.barh([i - 0.2 for i in y], [r["working_set"] or 0 for r in ratios], height=0.4, color="tab:gray",
+            label="working set bytes")
+    ax.set_yticks(list(y), names, fontsize=6)
     refs = ((1.79, "--", "paper B 1.79x"), (1.48, ":", "paper g 1.48x"), (2.0, "-.", "half memory"))
     for ratio, style, label in refs:
         ax.axvline(ratio, color="k", linestyle=style, linewidth=0.8, label=label)
-    ax.set_title("encoder-only / dual: time (blue) or working set (grey, computed)", fontsize=9)
+    ax.set_title("encoder-only / dual ratios ((c) = computed at full size)", fontsize=9)
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=70)
