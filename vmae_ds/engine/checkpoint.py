@@ -54,6 +54,7 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict, rank_state:
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
     folder = ckpt_dir / tag
+    folder.mkdir(parents=True, exist_ok=True)  # ranks that wrote no DeepSpeed file here still need it
     rank = dist.get_rank()
     torch.save(rank_state, folder / f"rank_{rank:05d}.pt")
     if rank == 0:

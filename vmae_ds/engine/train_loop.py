@@ -45,6 +45,16 @@ class RunStopped(RuntimeError):
         self.code = code
 
 
+def share_cpu_threads() -> None:
+    """CPU ranks: split the cores between the local ranks unless OMP_NUM_THREADS says otherwise.
+
+    Without this every rank starts one thread per core and they thrash (20x slower on a 2-core box).
+    """
+    if "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
 def world_from_env() -> tuple[int, int]:
     """(rank, world size) as the launcher set them; valid before the process group exists."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -162,6 +172,8 @@ def train(cfg: RunConfig, resume: str | None) -> int:
     loader = build_loader(cfg, rank, world)
     d, ds = prepare(cfg, loader)
     on_cpu = get_accelerator().device_name() == "cpu"
+    if on_cpu:
+        share_cpu_threads()
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None)
     run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
@@ -261,6 +273,7 @@ def train(cfg: RunConfig, resume: str | None) -> int:
                 engine.step()
                 losses.append(probe[0].item() / world)
             state["step"] = step = step + 1
+            get_accelerator().synchronize()  # GPU work is asynchronous: time the step, not its launch
             dt = time.perf_counter() - t0
             gn = engine.get_global_grad_norm()
             window["t"] += dt
