@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                    help="bf16 autocast (default; also on CPU) or plain fp32")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: the preset's; cpu uses 1 for steady timings on shared machines)")
     p.add_argument("--ds", metavar="SIZE:BATCH", help="DeepSpeed ZeRO-3 row, e.g. g:8 (default: the preset's)")
     p.add_argument("--no-ds", action="store_true", help="skip the DeepSpeed row")
     p.add_argument("--search-max-batch", action=argparse.BooleanOptionalAction, default=None,
@@ -75,7 +76,7 @@ def _preset(args: argparse.Namespace, device: torch.device):
         size, _, batch = args.ds.partition(":")
         ds = (size, int(batch or 1))
     fields = {"measure": measure, "ds": None if args.no_ds else ds}
-    for name in ("compute", "kernels", "ckpt", "warmup", "steps", "search_max_batch"):
+    for name in ("compute", "kernels", "ckpt", "warmup", "steps", "search_max_batch", "threads"):
         value = getattr(args, name)
         if value is not None:
             fields[name] = tuple(value) if isinstance(value, list) else value
@@ -92,6 +93,8 @@ def _notes(preset, suite, device: torch.device, amp) -> list[str]:
                      "measured exactly here and max batches are computed estimates")
         notes.append(f"CPU autocast: {'bf16' if amp else 'off (fp32)'}; cells of one size and kernel are timed "
                      "interleaved (encoder-only, dual, encoder-only, ...) so a busy shared CPU hits both alike")
+    if device.type == "cpu":
+        notes.append(f"torch CPU threads: {torch.get_num_threads()} (set with --threads)")
     if suite.peak is None:
         notes.append("MFU needs the device's peak FLOP/s (--peak-tflops): not reported")
     reduced = [m for m, (_, f) in preset.measure.items() if f]
@@ -105,8 +108,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports deepspeed
-    if args.threads:
-        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
@@ -116,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .suite import Suite
 
     preset = _preset(args, device)
+    threads = args.threads or (preset.threads if device.type == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     amp = torch.bfloat16 if args.precision == "bf16" else None
     budget = (args.memory_budget_gib or (torch.cuda.get_device_properties(device).total_memory / 2**30
                                          if device.type == "cuda" else 80.0)) * 2**30

@@ -16,15 +16,18 @@ class Preset:
     steps: int = 3
     ds: tuple[str, int] | None = None  # (size, micro-batch) of the DeepSpeed ZeRO-3 bf16 row
     search_max_batch: bool = False  # CUDA only
+    # torch CPU threads; None = torch's default. On a shared 2-core machine, 2 OpenMP threads stall at every
+    # barrier when a neighbour takes a core (steps swing 10x); one thread is slower but steady.
+    threads: int | None = None
     notes: list[str] = field(default_factory=list)
 
 
 PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         "CPU-sized run for `make bench`: debug, S and B timed at micro-batch 4/1/1 (16 frames), L, H and g "
-        "computed at full size, DeepSpeed ZeRO-3 on the debug model.",
+        "computed at full size, DeepSpeed ZeRO-3 on the debug model; one CPU thread.",
         measure={"debug": (4, None), "S": (1, None), "B": (1, None)},
-        compute=("L", "H", "g"), warmup=1, steps=3, ds=("debug", 2)),
+        compute=("L", "H", "g"), warmup=1, steps=3, ds=("debug", 2), threads=1),
     "gpu": Preset(
         "Full GPU run: every size timed at 16 frames, max micro-batch searched per cell, ViT-g under DeepSpeed.",
         measure={"S": (32, None), "B": (16, None), "L": (8, None), "H": (4, None), "g": (4, None)},
