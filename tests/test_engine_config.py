@@ -170,3 +170,10 @@ def test_synthetic_loader_is_deterministic_and_resumable():
     assert not torch.equal(other["video"], batches[0]["video"])
     assert len(a) == 2  # 8 videos / (2 per rank x 2 ranks)
     assert math.isclose(batches[0]["encoder_mask"].float().mean().item(), 0.75)
+
+
+def test_export_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    from vmae_ds.export import main as export_main
+
+    assert export_main([str(tmp_path), str(tmp_path / "x.safetensors")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err

@@ -203,6 +203,8 @@ def train(cfg: RunConfig, resume: str | None) -> int:
                 if stale.name > folder.name:
                     shutil.rmtree(stale, ignore_errors=True)
     else:
+        if rank == 0 and resume == "auto":
+            say(f"--resume auto: no complete checkpoint in {ckpt_dir}, starting fresh")
         torch.manual_seed(cfg.seed + rank)
     last_ckpt = str(folder) if folder else "none"
 
