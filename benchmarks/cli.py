@@ -103,6 +103,15 @@ def _notes(preset, suite, device: torch.device, amp) -> list[str]:
     return notes
 
 
+def _command(argv: Sequence[str] | None) -> str:
+    """The command line as typed: `python -m benchmarks ...` or `vmae-bench ...`."""
+    if argv is not None:
+        return shlex.join(["vmae-bench", *argv])
+    prog = os.path.basename(sys.argv[0])
+    prog = "python -m benchmarks" if prog == "__main__.py" else prog
+    return " ".join([prog, shlex.join(sys.argv[1:])])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -124,8 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     budget = (args.memory_budget_gib or (torch.cuda.get_device_properties(device).total_memory / 2**30
                                          if device.type == "cuda" else 80.0)) * 2**30
     suite = Suite(preset, device, amp, args.peak_tflops, budget)
-    command = shlex.join([os.path.basename(sys.argv[0]) if argv is None else "vmae-bench",
-                          *(sys.argv[1:] if argv is None else argv)])
+    command = _command(argv)
     t0 = time.perf_counter()
     from tqdm import tqdm
 
