@@ -35,8 +35,8 @@ common=(name=demo "output_dir=$OUT/runs" data.kind=shards "data.shards.shards=$O
 launch() {
   "$PY" -m deepspeed.launcher.runner --num_gpus 2 --master_port "${MASTER_PORT:-29533}" \
     --module vmae_ds.pretrain --config configs/pretrain/debug_cpu.yaml "$@" 2>&1 \
-    | grep -vE "^\[20..-..-.. ..:..:..,...\] \[(INFO|WARNING)\]|FutureWarning|return func\(|No CUDA runtime|built successfully" \
-    || true
+    | { grep -vE "^\[20..-..-.. ..:..:..,...\] \[(INFO|WARNING)\]|FutureWarning|return func\(|No CUDA runtime|built successfully" \
+    || true; }
 }
 
 step "3/6 pretraining vit_tiny_debug, dual masking, ZeRO-3, activation checkpointing, 2 ranks on $device: steps 1-$HALF"
