@@ -37,3 +37,20 @@ def test_flash_attn_cell():
     pytest.importorskip("flash_attn")
     out = measure_cuda(Cell("S", "dual", "flash_attn", "off", 2), DEV, torch.bfloat16, warmup=1, steps=1)
     assert out["kernel_used"] == "flash_attn"
+
+
+def test_cli_on_cuda_with_deepspeed_row(tmp_path):
+    """The GPU report path end to end: peak memory column, searched max batch, DeepSpeed ZeRO-3 on CUDA."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cmd = [sys.executable, "-m", "benchmarks", "--preset", "smoke", "--device", "cuda", "--kernels", "sdpa",
+           "--ckpt", "off", "--search-max-batch", "--ds", "debug:2", "--out", str(tmp_path), "--quiet"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert all(r["peak_allocated_bytes"] > 0 and r["max_batch"] > 0 for r in data["measured"])
+    assert data["deepspeed"]["zero_stage"] == 3 and data["deepspeed"]["peak_allocated_bytes"] > 0
+    assert data["ratios"][0]["max_batch_source"] == "measured"
