@@ -38,7 +38,28 @@ def _explain(enc: dict, dual: dict, r: dict) -> str:
                      "activations (bytes) grow with tokens too, or the measurement is noisy (see per-step times)")
         else:
             text += ": time tracks FLOPs"
-    return text + "."
+    return text + ". " + _against_paper(enc, dual, r)
+
+
+def _against_paper(enc: dict, dual: dict, r: dict) -> str:
+    """Why this row's ratios differ from the paper's, in the same arithmetic."""
+    te, td = enc["tokens"]["decoder"], dual["tokens"]["decoder"]
+    scores = (te / td) ** 2
+    mem = r.get("working_set") or r["saved"]
+    text = (f"Against the paper's ~{r['paper_memory']:.0f}x memory: {mem:.2f}x here, since only the decoder shrinks "
+            f"({te} -> {td} tokens; the encoder is the same in both modes)")
+    text += (" and its N^2 scores are saved" if enc["kernel"] == "math" else ", and this kernel saves no N^2 scores")
+    text += "."
+    if r.get("paper_time") and r.get("time"):
+        gap = r["paper_time"] / r["time"]
+        text += (f" Against the paper's {r['paper_time']:.2f}x time: {r['time']:.2f}x here ({gap:.2f}x apart); FLOPs "
+                 f"allow {r['flops']:.2f}x, so the paper's surplus is bytes: ")
+        text += (f"the {scores:.2f}x larger score matrices of its eager GPU kernel, which cost little on a "
+                 "compute-bound device" if enc["kernel"] == "math" and enc.get("peak_allocated_bytes") is None
+                 else f"the {scores:.2f}x larger score matrices, which this kernel never writes"
+                 if enc["kernel"] != "math" else f"the {scores:.2f}x larger score matrices this eager kernel moves")
+        text += "."
+    return text
 
 
 def _compute_time(row: dict) -> float | None:
