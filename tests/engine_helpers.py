@@ -72,7 +72,7 @@ def start(*args: str, log: Path, script: str | None = None) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def run(*args: str, log: Path, timeout: float = 240, script: str | None = None) -> tuple[int, str]:
+def run(*args: str, log: Path, timeout: float = 480, script: str | None = None) -> tuple[int, str]:
     p = start(*args, log=log, script=script)
     try:
         code = p.wait(timeout=timeout)
@@ -116,12 +116,14 @@ def _grads_main(out: str) -> None:
 
     from vmae_ds.data import normalize_on_device
     from vmae_ds.engine.ds_setup import load_ds_json
+    from vmae_ds.engine.train_loop import release_cpu_shm_names
     from vmae_ds.losses import pixel_target, reconstruction_loss
     from vmae_ds.masking import TokenGrid, make_masks
     from vmae_ds.models import create_pretrain_model
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
+    release_cpu_shm_names(rank)
     ds = load_ds_json(ROOT / "ds_configs" / "zero3.json")
     ds.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1, train_batch_size=8,
               gradient_clipping=0.0, bf16={"enabled": False}, steps_per_print=10**9)

@@ -39,8 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from .engine.data_source import build_loader
     from .engine.run_config import load_run_config
-    from .engine.train_loop import RunStopped, build_loader, prepare, train, world_from_env
+    from .engine.train_loop import RunStopped, prepare, train, world_from_env
 
     try:
         cfg = load_run_config(args.config, args.overrides)

@@ -11,8 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..config import ConfigError
-from .optim import Derived
+from ..models import create_pretrain_model
+from .optim import Derived, param_groups
 from .run_config import RunConfig
 
 AUTO = "auto"
@@ -73,3 +76,32 @@ def zero_stage(ds: dict) -> int:
 def offloads_optimizer(ds: dict) -> bool:
     dev = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     return dev not in (None, "none")
+
+
+def build_engine(cfg: RunConfig, ds: dict) -> Any:
+    import deepspeed
+
+    torch.manual_seed(cfg.seed)  # identical init on every rank (zero.Init also broadcasts rank 0's)
+    # Stage 3: parameters are partitioned as each module is built, so ViT-g never exists whole on one rank.
+    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage(ds) == 3):
+        model = create_pretrain_model(cfg.model.name, **cfg.model.overrides())
+    ac = cfg.activation_checkpointing
+    model.set_activation_checkpointing(ac.mode, ac.num_blocks)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    o = cfg.optim
+    if offloads_optimizer(ds):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        opt = DeepSpeedCPUAdam(groups, lr=o.base_lr, betas=o.betas, eps=o.eps, adamw_mode=True)
+    else:
+        opt = torch.optim.AdamW(groups, lr=o.base_lr, betas=o.betas, eps=o.eps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    return engine
+
+
+def gathered_state(engine: Any) -> dict[str, torch.Tensor]:
+    """Full fp32 parameters (gathered under ZeRO-3) on rank 0 (collective)."""
+    import deepspeed
+
+    params = dict(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=engine.zero_optimization_stage() == 3):
+        return {k: v.detach().float().cpu().clone() for k, v in params.items()}

@@ -6,22 +6,19 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import time
-from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import yaml
 
-from ..config import ConfigError
 from ..data import normalize_on_device
 from ..losses import pixel_target, reconstruction_loss
-from ..masking import TokenGrid
-from ..models import create_pretrain_model, get_spec
 from . import checkpoint as ckpt
-from .ds_setup import offloads_optimizer, resolve_ds_config, zero_stage
+from .data_source import batches_per_epoch, build_loader, endless
+from .ds_setup import build_engine, gathered_state, resolve_ds_config
 from .metrics import (
     PEAK_BF16_FLOPS,
     MetricsWriter,
@@ -31,9 +28,9 @@ from .metrics import (
     progress_line,
     say,
 )
-from .optim import Derived, derive, lr_at, param_groups
+from .optim import Derived, derive, lr_at
+from .preemption import Preemption
 from .run_config import RunConfig
-from .synthetic import SyntheticLoader
 
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, after the checkpoint is safely written
@@ -55,46 +52,21 @@ def share_cpu_threads() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
+def release_cpu_shm_names(rank: int) -> None:
+    """Unlink this rank's /dev/shm segment of DeepSpeed's CPU all-reduce once every rank has mapped it.
+
+    DeepSpeed never unlinks them: each CPU job would leave 2 x 69 MB in RAM-backed /dev/shm (even after a
+    clean exit), and a later job on the same port would open the stale files. The mappings stay valid.
+    """
+    dist.barrier()  # every rank has opened every segment (that happens inside init_distributed)
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+    name.unlink(missing_ok=True)
+
+
 def world_from_env() -> tuple[int, int]:
     """(rank, world size) as the launcher set them; valid before the process group exists."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def model_spec(cfg: RunConfig) -> Any:
-    sizes = {k: v for k, v in cfg.model.overrides().items() if k not in ("attention", "drop_path_rate")}
-    return get_spec(cfg.model.name, **sizes)
-
-
-def build_loader(cfg: RunConfig, rank: int, world: int) -> Any:
-    spec = model_spec(cfg)
-    grid = TokenGrid(spec.num_frames // spec.tubelet_size, spec.img_size // spec.patch_size,
-                     spec.img_size // spec.patch_size)
-    masks = cfg.masks.model_dump()
-    if cfg.data.kind == "synthetic":
-        s = cfg.data.synthetic
-        return SyntheticLoader(num_videos=s.num_videos, seed=s.seed + cfg.seed, frames=spec.num_frames,
-                               size=spec.img_size, grid=grid, batch_videos=cfg.optim.batch_size,
-                               num_sample=cfg.data.num_sample, rank=rank, world_size=world, masks=masks)
-    from ..data import build_pretrain_loader, default_mask_fn
-    mask_fn = default_mask_fn(grid, encoder_kind=masks["encoder"], encoder_ratio=masks["encoder_ratio"],
-                              decoder_kind=masks["decoder"], decoder_ratio=masks["decoder_ratio"])
-    return build_pretrain_loader(cfg.shards_config(), batch_size=cfg.optim.batch_size * cfg.data.num_sample,
-                                 rank=rank, world_size=world, seed=cfg.seed, mask_fn=mask_fn)
-
-
-def batches_per_epoch(cfg: RunConfig, loader: Any, world: int) -> int:
-    """Micro-batches one rank draws per epoch (the authors' epoch: every video once, before num_sample)."""
-    try:
-        return len(loader)
-    except TypeError:  # resampled shards stream forever: count the clips in the shard index instead
-        pass
-    from ..data.shards import resolve_shards
-    _, counts = resolve_shards(cfg.shards_config().shards)
-    if counts is None:
-        if cfg.optim.steps_per_epoch:
-            return cfg.optim.steps_per_epoch * cfg.optim.grad_accum
-        raise ConfigError("cannot count the clips in data.shards.shards (no index.json): set optim.steps_per_epoch")
-    return max(1, sum(counts) // (world * cfg.optim.batch_size))
 
 
 def prepare(cfg: RunConfig, loader: Any) -> tuple[Derived, dict]:
@@ -103,64 +75,6 @@ def prepare(cfg: RunConfig, loader: Any) -> tuple[Derived, dict]:
     d = derive(cfg.optim, world_size=world, num_sample=cfg.data.num_sample,
                batches_per_epoch=batches_per_epoch(cfg, loader, world))
     return d, resolve_ds_config(cfg, d)
-
-
-def endless(loader: Any) -> Iterator[dict]:
-    """Batches forever; an exact-epoch loader is simply iterated again (its state carries the position)."""
-    while True:
-        yield from loader
-
-
-def build_engine(cfg: RunConfig, ds: dict) -> Any:
-    import deepspeed
-
-    torch.manual_seed(cfg.seed)  # identical init on every rank (zero.Init also broadcasts rank 0's)
-    # Stage 3: parameters are partitioned as each module is built, so ViT-g never exists whole on one rank.
-    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage(ds) == 3):
-        model = create_pretrain_model(cfg.model.name, **cfg.model.overrides())
-    ac = cfg.activation_checkpointing
-    model.set_activation_checkpointing(ac.mode, ac.num_blocks)
-    groups = param_groups(model, cfg.optim.weight_decay)
-    o = cfg.optim
-    if offloads_optimizer(ds):
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-        opt = DeepSpeedCPUAdam(groups, lr=o.base_lr, betas=o.betas, eps=o.eps, adamw_mode=True)
-    else:
-        opt = torch.optim.AdamW(groups, lr=o.base_lr, betas=o.betas, eps=o.eps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
-    return engine
-
-
-class _Preemption:
-    """SIGTERM sets a flag; at the top of every step the ranks agree on it (one tiny all-reduce), save, exit.
-
-    A scheduler signals every process of the job, DataLoader workers included, and those die at once:
-    so the handler also drops torch's SIGCHLD hook (it would raise "worker killed" wherever the main
-    process happens to be), and no batch is drawn once the flag is seen. The loader's position lives
-    in the main process, so the checkpoint does not need the workers.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handler)
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-
-    def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([float(self.requested)], device=device)
-        dist.all_reduce(flag)
-        return flag.item() > 0
-
-
-def gathered_state(engine: Any) -> dict[str, torch.Tensor]:
-    """Full fp32 parameters (gathered under ZeRO-3) on rank 0 (collective)."""
-    import deepspeed
-
-    params = dict(engine.module.named_parameters())
-    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=zero_stage(engine.config) == 3):
-        return {k: v.detach().float().cpu().clone() for k, v in params.items()}
 
 
 def train(cfg: RunConfig, resume: str | None) -> int:
@@ -175,6 +89,8 @@ def train(cfg: RunConfig, resume: str | None) -> int:
     if on_cpu:
         share_cpu_threads()
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None)
+    if on_cpu:
+        release_cpu_shm_names(rank)
     run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     if rank == 0:
@@ -215,7 +131,7 @@ def train(cfg: RunConfig, resume: str | None) -> int:
     if rank == 0 and peak is None:
         say(f"MFU: n/a (no peak-FLOPs entry for device {dev_name or get_accelerator().device_name()})")
     stop_at = min(d.total_steps, cfg.optim.max_steps or d.total_steps)
-    preempt = _Preemption()
+    preempt = Preemption()
     nan_batches = set(cfg.debug.nan_batches)
     consecutive = 0
     window = {"t": 0.0, "wait": 0.0, "loss": 0.0, "n": 0}
