@@ -115,8 +115,9 @@ def train(cfg: RunConfig, resume: str | None) -> int:
         ckpt.set_rng_state(rank_state["rng"])
         if rank == 0:
             say(f"resumed from {folder} at step {state['step']}")
-            for stale in ckpt_dir.glob("step_*"):  # half-written checkpoints of the killed run
-                if stale.name > folder.name:
+            latest = ckpt.read_pointer(ckpt_dir) or ""
+            for stale in ckpt_dir.glob("step_*"):  # newer than the pointer = half-written by a killed run
+                if stale.name > latest:
                     shutil.rmtree(stale, ignore_errors=True)
     else:
         if rank == 0 and resume == "auto":
