@@ -177,3 +177,14 @@ def test_export_without_checkpoint_is_a_clear_error(tmp_path, capsys):
 
     assert export_main([str(tmp_path), str(tmp_path / "x.safetensors")]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_fresh_start_refuses_a_folder_with_checkpoints(tmp_path, capsys):
+    from vmae_ds.pretrain import main
+
+    cfg = write_config(tmp_path / "c.yaml", name="old", output_dir=str(tmp_path / "runs"))
+    ck = tmp_path / "runs" / "old" / "checkpoints"
+    (ck / "step_00000002").mkdir(parents=True)
+    (ck / "latest_complete").write_text("step_00000002\n")
+    assert main(["--config", str(cfg)]) == 2
+    assert "already holds checkpoints (newest step_00000002): continue with --resume auto" in capsys.readouterr().err

@@ -63,7 +63,7 @@ class MetricsWriter:
         self.path = run_dir / "metrics.jsonl"
         if resume_step > 0 and self.path.exists():
             self._truncate_after(resume_step)
-        self.file = open(self.path, "a")
+        self.file = open(self.path, "a" if resume_step > 0 else "w")  # a fresh start begins a fresh file
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)

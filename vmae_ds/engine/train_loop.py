@@ -83,6 +83,10 @@ def train(cfg: RunConfig, resume: str | None) -> int:
     from deepspeed.accelerator import get_accelerator
 
     rank, world = world_from_env()
+    run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
+    if resume in (None, "", "none") and ckpt.read_pointer(ckpt_dir):
+        raise RunStopped(f"{run_dir} already holds checkpoints (newest {ckpt.read_pointer(ckpt_dir)}): continue "
+                         f"with --resume auto, or pick another name= / delete the folder", 2)
     loader = build_loader(cfg, rank, world)
     d, ds = prepare(cfg, loader)
     on_cpu = get_accelerator().device_name() == "cpu"
@@ -91,7 +95,6 @@ def train(cfg: RunConfig, resume: str | None) -> int:
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None)
     if on_cpu:
         release_cpu_shm_names(rank)
-    run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
