@@ -188,3 +188,12 @@ def test_fresh_start_refuses_a_folder_with_checkpoints(tmp_path, capsys):
     (ck / "latest_complete").write_text("step_00000002\n")
     assert main(["--config", str(cfg)]) == 2
     assert "already holds checkpoints (newest step_00000002): continue with --resume auto" in capsys.readouterr().err
+
+
+def test_mfu_flops_are_model_flops_of_the_paper():
+    from vmae_ds.engine.metrics import PEAK_BF16_FLOPS, model_flops_per_clip
+
+    cfg = load_run_config(ROOT / "configs" / "pretrain" / "vit_giant_hybrid.yaml", ["data.kind=synthetic"])
+    # fwd + bwd = 3 x forward; the paper's 241.61 G multiply-adds per clip for ViT-g with dual masking
+    assert model_flops_per_clip(cfg) == pytest.approx(3 * 2 * 241.61e9, rel=2e-3)
+    assert PEAK_BF16_FLOPS["H100"] == 989e12 and PEAK_BF16_FLOPS["A100"] == 312e12
