@@ -42,6 +42,7 @@ def test_derived_values_printed(base):
     assert "base lr 0.128 -> actual lr 0.002 (= base * 4 / 256)" in log
     assert "world size 2, global batch 4 videos (8 samples/step after num_sample, micro batch 4/GPU)" in log
     assert "steps per epoch 4, total steps 24, warmup steps 4" in log
+    assert log.count("attention kernel: sdpa (requested sdpa)") == 1  # what actually ran, reported once
 
 
 def test_loss_falls_on_repeated_data(base):

@@ -22,10 +22,16 @@ AUTO = "auto"
 
 
 def load_ds_json(path: str | Path) -> dict:
+    """Read the DeepSpeed JSON; a relative path not found from the working directory is tried
+    against the checkout (so recipes' `ds_configs/zero3.json` work from any folder)."""
+    p = Path(path)
+    if not p.is_absolute() and not p.exists():
+        in_checkout = Path(__file__).resolve().parents[2] / p
+        p = in_checkout if in_checkout.exists() else p
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(p.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"deepspeed_config: file not found: {path}") from None
+        raise ConfigError(f"deepspeed_config: file not found: {path} (nor under {Path.cwd()})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"deepspeed_config {path}: not valid JSON ({e})") from None
 

@@ -135,6 +135,7 @@ def train(cfg: RunConfig, resume: str | None) -> int:
     if rank == 0 and peak is None:
         say(f"MFU: n/a (no peak-FLOPs entry for device {dev_name or get_accelerator().device_name()})")
     stop_at = min(d.total_steps, cfg.optim.max_steps or d.total_steps)
+    state_first_step = state["step"] + 1  # report the kernel that actually ran, once
     preempt = Preemption()
     nan_batches = set(cfg.debug.nan_batches)
     consecutive = 0
@@ -210,6 +211,9 @@ def train(cfg: RunConfig, resume: str | None) -> int:
                    "mfu": flops * clips_s / (world * peak) if flops and peak else None,
                    "nonfinite_total": state["nonfinite_total"]}
             metrics.record(rec)
+            if rank == 0 and step == state_first_step:
+                kern = engine.module.kernel
+                say(f"attention kernel: {kern.used} (requested {kern.requested})")
             if rank == 0 and (step % cfg.logging.every_steps == 0 or step == stop_at or step == 1):
                 w = window
                 avg = dict(rec, loss=w["loss"] / w["n"], clips_per_s=d.samples_per_step * w["n"] / w["t"],
