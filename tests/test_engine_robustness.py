@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_helpers import write_shard_with_bad_samples
 from engine_helpers import ROOT, metrics, pointer, run, start, wait_for, write_config
 
 pytestmark = pytest.mark.distributed
@@ -47,11 +48,21 @@ def _shards(tmp_path) -> Path:
     return tmp_path / "shards" / "index.json"
 
 
+def _spoil(index: Path) -> None:
+    """Put 3 corrupt samples into every shard: the trainer must skip, count and report them."""
+    for shard in sorted(index.parent.glob("*.tar")):
+        spoiled, _, _ = write_shard_with_bad_samples(shard, shard.with_suffix(".bad"))
+        spoiled.replace(shard)
+
+
 def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
     # also the one end-to-end run on real video shards (data.kind: shards -> vmae_ds.data)
-    shards = {"shards": str(_shards(tmp_path)), "sampling_rate": 2, "num_workers": 1, "backend": "pyav"}
+    # and the corrupt-sample count that reaches the training log
+    index = _shards(tmp_path)
+    _spoil(index)
+    shards = {"shards": str(index), "sampling_rate": 2, "num_workers": 1, "backend": "pyav"}
     cfg = write_config(tmp_path / "c.yaml", name="term", output_dir=str(tmp_path / "runs"),
-                       data={"kind": "shards", "shards": shards},
+                       data={"kind": "shards", "shards": shards}, logging={"every_steps": 1},
                        debug={"step_sleep_s": 0.3}, checkpoint={"every_steps": 1000})
     run_dir = tmp_path / "runs" / "term"
     log = tmp_path / "log.txt"
@@ -66,7 +77,11 @@ def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
         if _group_alive(proc.pid, proc):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    last = max(metrics(run_dir))
+    m = metrics(run_dir)
+    last = max(m)
     assert last < 24 and pointer(run_dir) == f"step_{last:08d}"
+    # by step 3 each rank has read past its first shard (4 good clips each), so it met that shard's 3 bad ones
+    assert m[3]["data_skipped"] >= 6, m[3]
+    assert f"corrupt clips skipped {m[3]['data_skipped']}" in log.read_text(errors="replace")
     rank1 = torch.load(run_dir / "checkpoints" / f"step_{last:08d}" / "rank_00001.pt", weights_only=False)
     assert rank1["loader"]["batches"] == last and rank1["loader"]["rank"] == 1  # the shard loader's position

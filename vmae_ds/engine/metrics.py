@@ -97,7 +97,8 @@ def progress_line(rec: dict, total_steps: int) -> str:
     return (f"step {rec['step']}/{total_steps} ep {rec['epoch']} | loss {rec['loss']:.4f} | lr {rec['lr']:.3e} | "
             f"grad norm {gn} | {rec['clips_per_s']:.1f} clips/s | MFU {mfu} | "
             f"peak mem {rec['peak_mem_gib']:.2f} GiB ({rec['mem_kind']}) | data wait {rec['data_wait'] * 100:.0f}% | "
-            f"non-finite skipped {rec['nonfinite_total']}")
+            f"non-finite skipped {rec['nonfinite_total']}"
+            + (f" | corrupt clips skipped {rec['data_skipped']}" if "data_skipped" in rec else ""))
 
 
 def say(msg: str) -> None:

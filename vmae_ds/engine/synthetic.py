@@ -85,4 +85,4 @@ class SyntheticLoader:
         self.index = int(state["index"])
 
     def stats(self) -> dict:
-        return {"skipped": 0, "corrupt": 0}
+        return {"corrupt_samples": 0, "bad_shards": {}}

@@ -210,11 +210,16 @@ def train(cfg: RunConfig, resume: str | None) -> int:
                    "clips_per_s": clips_s, "data_wait": wait / dt, "peak_mem_gib": mem, "mem_kind": mem_kind,
                    "mfu": flops * clips_s / (world * peak) if flops and peak else None,
                    "nonfinite_total": state["nonfinite_total"]}
+            log_now = step % cfg.logging.every_steps == 0 or step == stop_at or step == 1
+            if log_now:  # same steps on every rank, so the all-reduce cannot hang
+                bad = torch.tensor([float(loader.stats().get("corrupt_samples", 0))], device=device)
+                dist.all_reduce(bad)
+                rec["data_skipped"] = int(bad.item())
             metrics.record(rec)
             if rank == 0 and step == state_first_step:
                 kern = engine.module.kernel
                 say(f"attention kernel: {kern.used} (requested {kern.requested})")
-            if rank == 0 and (step % cfg.logging.every_steps == 0 or step == stop_at or step == 1):
+            if rank == 0 and log_now:
                 w = window
                 avg = dict(rec, loss=w["loss"] / w["n"], clips_per_s=d.samples_per_step * w["n"] / w["t"],
                            data_wait=w["wait"] / w["t"])
