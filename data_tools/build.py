@@ -117,6 +117,8 @@ def build_shards(manifest: str | Path, out: str | Path, *, prefix: str = "shard"
     if not prefix or any(c in prefix for c in "/.% "):
         raise BuildError(f"--prefix must be a plain name without '/', '.', '%' or spaces, got {prefix!r}")
     rows = read_manifest(manifest, manifest_format)
+    if not rows:
+        raise BuildError(f"{manifest}: the manifest has no rows, nothing to build")
     base = Path(root) if root else manifest.resolve().parent
     order = list(range(len(rows)))
     if shuffle_seed is not None:

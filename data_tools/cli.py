@@ -64,11 +64,12 @@ def _cmd_build(a: argparse.Namespace) -> int:
 
 
 def _cmd_check(a: argparse.Namespace, verify: bool) -> int:
+    if not Path(a.dir).is_dir():  # a user error (typo'd path), not a damaged shard set: one line, exit 2
+        raise ValueError(f"{a.dir}: no such folder (give the --out folder of `vmae-shards build`)")
     report = inspect(a.dir, decode_per_shard=a.decode, progress=not a.quiet, workers=a.workers)
     print(format_report(report))
     plot = Path(a.plot) if a.plot else Path(a.dir) / "stats.png"
-    if Path(a.dir).is_dir():
-        print(f"plot: {plot_report(report, plot)}")
+    print(f"plot: {plot_report(report, plot)}")
     return 1 if verify and not report.ok else 0
 
 

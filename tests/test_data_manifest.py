@@ -93,3 +93,20 @@ def test_hybrid_cli(tmp_path):
     assert Counter(r["source"] for r in rows) == {"k710": 10, "ssv2": 2}  # 12 rows at .488 : .125
     bad = run_cli("hybrid", "--source", "k710", "--out", str(tmp_path / "x.jsonl"))
     assert bad.returncode == 2 and "NAME=VALUE" in bad.stderr
+
+
+def test_verify_and_stats_of_a_missing_folder_fail_with_one_line(tmp_path):
+    for cmd in ("verify", "stats"):
+        res = run_cli(cmd, str(tmp_path / "no_such_shards"), "--quiet")
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert res.stdout == ""  # no empty statistics block before the error
+        assert res.stderr.strip().count("\n") == 0 and "no_such_shards: no such folder" in res.stderr
+
+
+@pytest.mark.parametrize("text", ["", "path,label\n"])
+def test_build_refuses_a_manifest_without_rows(tmp_path, text):
+    (tmp_path / "empty.csv").write_text(text)
+    res = run_cli("build", "--manifest", str(tmp_path / "empty.csv"), "--out", str(tmp_path / "shards"),
+                  "--workers", "0", "--quiet")
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "empty.csv: the manifest has no rows" in res.stderr
