@@ -94,6 +94,39 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "train_batch_size=3" in r.stderr
 
 
+def test_errors_blame_the_override_that_set_the_field(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError) as e:
+        load_run_config(cfg, ["model.atention=sdpa"])
+    assert str(e.value).startswith("override 'model.atention=sdpa': unknown config key 'model.atention'")
+    with pytest.raises(ConfigError) as e:  # a section's own check: the message, not pydantic's prefix + dict
+        load_run_config(cfg, ["masks.decoder=running_cell", "masks.decoder_ratio=0.3"])
+    assert str(e.value) == ("override 'masks.decoder_ratio=0.3': config field 'masks': decoder_ratio for "
+                            "running_cell must be one of (0.25, 0.5, 0.75), got 0.3")
+    bad = write_config(tmp_path / "bad.yaml", model={"name": "vit_tiny_debug", "attention": "flsh"})
+    with pytest.raises(ConfigError, match=r"bad\.yaml: config field 'model.attention': .* \(got 'flsh'\)"):
+        load_run_config(bad, ["optim.batch_size=2"])  # an unrelated override is not blamed
+
+
+@pytest.mark.parametrize("shards,match", [("no_such_dir", r"1 of 1 shard\(s\) not found, e\.g\. .*no_such_dir"),
+                                          ("empty", r"no \.tar shards found for .*empty"),
+                                          ("gone/index.json", r"index file .*gone/index\.json not found")])
+def test_missing_shards_are_a_one_line_config_error(tmp_path, shards, match):
+    (tmp_path / "empty").mkdir()
+    cfg = write_config(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="^data.shards.shards: " + match) as e:
+        load_run_config(cfg, ["data.kind=shards", f"data.shards.shards={tmp_path / shards}"])
+    assert "\n" not in str(e.value)
+
+
+def test_missing_ds_json_names_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=rf"file not found: ds_configs/zero9\.json \(looked under {tmp_path} and "
+                                          rf"{ROOT}\)"):
+        load_ds_json("ds_configs/zero9.json")
+    assert load_ds_json("ds_configs/zero3.json")["zero_optimization"]["stage"] == 3  # found in the checkout
+
+
 def test_help_explains_usage():
     r = _cli("--help")
     assert r.returncode == 0

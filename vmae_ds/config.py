@@ -86,7 +86,10 @@ def format_validation_error(err: ValidationError, model: type[BaseModel]) -> str
         allowed = _allowed(model, loc)
         return f"unknown config key '{key}'" + (f" (allowed here: {allowed})" if allowed else "")
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"config field '{key}': {e['msg']} (got {e.get('input')!r}){more}"
+    msg = e["msg"].removeprefix("Value error, ")  # pydantic's prefix for our validators' messages
+    given = e.get("input")
+    got = "" if isinstance(given, (dict, BaseModel)) else f" (got {given!r})"  # a whole section says nothing
+    return f"config field '{key}': {msg}{got}{more}"
 
 
 T = TypeVar("T", bound=BaseModel)
@@ -124,5 +127,14 @@ def load_config(model: type[T], path: str | Path | None = None, overrides: list[
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        where = f"{path}: " if path else ""
-        raise ConfigError(where + format_validation_error(e, model)) from None
+        raise ConfigError(_blame(e, path, overrides or []) + format_validation_error(e, model)) from None
+
+
+def _blame(err: ValidationError, path: str | Path | None, overrides: list[str]) -> str:
+    """Where the bad value came from: the command-line override that set (part of) the field, else the file."""
+    key = ".".join(str(p) for p in err.errors()[0]["loc"])
+    for item in reversed(overrides):  # the last override of a key wins, so blame it
+        okey = item.split("=", 1)[0].strip()
+        if key and (okey == key or okey.startswith(key + ".") or key.startswith(okey + ".")):
+            return f"override {item!r}: "
+    return f"{path}: " if path else ""

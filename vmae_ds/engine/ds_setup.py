@@ -25,13 +25,15 @@ def load_ds_json(path: str | Path) -> dict:
     """Read the DeepSpeed JSON; a relative path not found from the working directory is tried
     against the checkout (so recipes' `ds_configs/zero3.json` work from any folder)."""
     p = Path(path)
+    checkout = Path(__file__).resolve().parents[2]
     if not p.is_absolute() and not p.exists():
-        in_checkout = Path(__file__).resolve().parents[2] / p
+        in_checkout = checkout / p
         p = in_checkout if in_checkout.exists() else p
     try:
         return json.loads(p.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"deepspeed_config: file not found: {path} (nor under {Path.cwd()})") from None
+        where = "" if Path(path).is_absolute() else f" (looked under {Path.cwd()} and {checkout})"
+        raise ConfigError(f"deepspeed_config: file not found: {path}{where}") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"deepspeed_config {path}: not valid JSON ({e})") from None
 

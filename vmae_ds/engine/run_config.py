@@ -140,6 +140,11 @@ class RunConfig(Strict):
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """YAML + `a.b=value` overrides -> RunConfig; raises a one-line ConfigError."""
     cfg = load_config(RunConfig, path, overrides)
-    if cfg.data.kind == "shards":
-        cfg.shards_config()  # fail at start-up, not at the first batch
+    if cfg.data.kind == "shards":  # fail at start-up, not at the first batch
+        from ..data.shards import ShardSpecError, resolve_shards
+
+        try:
+            resolve_shards(cfg.shards_config().shards)
+        except ShardSpecError as e:  # its message starts with "shards: " and names the path
+            raise ConfigError(f"data.shards.{e}") from None
     return cfg
