@@ -260,8 +260,10 @@ def test_pickle_with_code_is_refused_and_never_run(tmp_path):
             return (marker.touch, ())
 
     torch.save({"model": {"w": Payload()}}, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointError, match=r"evil\.pth: refused: .*weights_only"):
+    with pytest.raises(CheckpointError, match=r"evil\.pth: refused: .*weights_only") as err:
         load_pretrained(create_pretrain_model(NAME), tmp_path / "evil.pth")
+    assert str(err.value).endswith("(Unsupported global: GLOBAL getattr was not an allowed global "
+                                   "by default)")  # the reason, without torch's advice to allowlist it
     assert not marker.exists()
 
 
@@ -273,6 +275,21 @@ def test_corrupted_files_are_refused(tmp_path, name):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=rf"{name}: unreadable or corrupted"):
         load_pretrained(create_pretrain_model(NAME), path)
+
+
+@pytest.mark.parametrize("content,message", [
+    (bytes(range(256)) * 8, r"not a checkpoint: neither safetensors nor a torch\.save file \(Unsupported operand"),
+    (b"hello world, not weights\n" * 20, r"not a checkpoint: neither safetensors nor a torch\.save file"),
+    (b'{"model": 1}', r"not a checkpoint: neither safetensors nor a torch\.save file"),
+    (bytes(1000), r"unreadable or corrupted checkpoint: Cannot use ``weights_only=True`` .*legacy \.tar format\.$"),
+    (b"", r"empty file, not a checkpoint")])
+def test_files_that_are_no_checkpoint_give_one_clear_line(tmp_path, content, message):
+    path = tmp_path / "junk.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"junk\.pth: " + message) as err:
+        load_pretrained(create_pretrain_model(NAME), path)
+    msg = str(err.value)
+    assert "\n" not in msg and "file an issue" not in msg.lower() and "weights_only` set to `False" not in msg
 
 
 def test_mismatch_error_lists_missing_unexpected_and_shapes(tmp_path):

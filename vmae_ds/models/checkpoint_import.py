@@ -91,7 +91,18 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
 
 
+def _unpickle_reason(text: str) -> str:
+    """The reason torch's weights_only unpickler gives, without its advice (file an issue / allowlist)."""
+    head, sep, tail = text.partition("WeightsUnpickler error:")
+    if not sep:
+        return (head.strip().splitlines() or ["not a pickle"])[0]
+    reason = " ".join(tail.strip().split("\n\n")[0].split())  # e.g. 'Unsupported operand 107' (no pickle)
+    return reason.split(". Please use", 1)[0].rstrip(".") or "unsupported content"
+
+
 def _read_one(path: Path) -> Any:
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint")
     try:
         if path.suffix == ".safetensors" or _is_safetensors(path):
             return load_file(path)
@@ -99,11 +110,19 @@ def _read_one(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        why = next((ln for ln in str(e).splitlines() if "WeightsUnpickler error" in ln), str(e).splitlines()[0])
+        why = _unpickle_reason(str(e))
+        if "Unsupported global" not in why:  # not code the unpickler refused: the bytes are no pickle at all
+            raise CheckpointError(f"{path}: not a checkpoint: neither safetensors nor a torch.save file "
+                                  f"({why})") from e
         raise CheckpointError(f"{path}: refused: not a safetensors file and not loadable with torch.load("
                               f"weights_only=True); arbitrary pickle is never executed ({why.strip()})") from e
     except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable or corrupted checkpoint: {str(e).splitlines()[0]}") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # an empty file raises with no message
+        first = first.split(" In PyTorch 2.6", 1)[0]  # drop torch's advice to load without weights_only
+        raise CheckpointError(f"{path}: unreadable or corrupted checkpoint: {first}") from e
+    except (KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError) as e:  # e.g. a text file
+        raise CheckpointError(f"{path}: not a checkpoint: neither safetensors nor a torch.save file "
+                              f"(torch.load: {type(e).__name__} {e})") from e
 
 
 def _resolve(path: Path) -> list[Path]:
