@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vmae_ds.data import DataConfig, build_pretrain_loader, default_mask_fn, token_grid
-from vmae_ds.data.shards import resolve_shards
+from vmae_ds.data.shards import ShardSpecError, resolve_shards
 from vmae_ds.data.stream import ShardReader, initial_position, parse_sample
 from vmae_ds.data.transforms import IMAGENET_MEAN, IMAGENET_STD, multiscale_crop_box, train_indices
 
@@ -112,16 +113,18 @@ def synth_shards(folder: Path, clips: int, size: tuple[int, int], frames: int) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.loader_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", help="shard folder / index.json / pattern (default: make synthetic 320p shards)")
-    p.add_argument("--synth-clips", type=int, default=24, help="synthetic clips when --shards is not given")
+    p.add_argument("--synth-clips", type=int, default=24,
+                   help="synthetic clips when --shards is not given (default 24)")
     p.add_argument("--synth-size", default="320x426", help="synthetic clip HxW (default 320x426, short side 320)")
-    p.add_argument("--synth-frames", type=int, default=96, help="synthetic clip length in frames")
+    p.add_argument("--synth-frames", type=int, default=96, help="synthetic clip length in frames (default 96)")
     p.add_argument("--workers", type=int, default=2, help="loader workers for both pipelines (default 2)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per batch after repetition (default 8)")
     p.add_argument("--num-sample", type=int, default=4, help="repeated augmentation (default 4)")
-    p.add_argument("--num-frames", type=int, default=16)
-    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--num-frames", type=int, default=16, help="frames per clip (default 16)")
+    p.add_argument("--input-size", type=int, default=224, help="crop side in pixels (default 224)")
     p.add_argument("--batches", type=int, default=20, help="timed batches per pipeline (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first (default 3)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is shown (default 3)")
@@ -137,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
             label = f"synthetic: {a.synth_clips} H.264 clips {h}x{w}, {a.synth_frames} frames"
         cfg = DataConfig(shards=shards, num_frames=a.num_frames, input_size=a.input_size,
                          num_sample=a.num_sample, num_workers=a.workers, pin_memory=False)
-        urls, _ = resolve_shards(shards)
+        try:
+            urls, _ = resolve_shards(shards)
+        except ShardSpecError as e:  # a typo'd --shards: one line, not a traceback
+            print(f"{p.prog}: error: --{e}", file=sys.stderr)
+            return 2
 
         def run_ours() -> dict:
             loader = build_pretrain_loader(cfg, batch_size=a.batch_size, rank=0, world_size=1, seed=0,

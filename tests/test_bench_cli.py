@@ -28,3 +28,14 @@ def test_smoke_run_with_deepspeed_row(tmp_path):
     ds = data["deepspeed"]
     assert ds["zero_stage"] == 3 and ds["precision"].startswith("bf16")
     assert ds["world_size"] == 1 and ds["step_time_s"] > 0 and ds["tflops"] > 0
+
+
+def test_loader_bench_help_and_missing_shards(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks.loader_bench"]
+    out = subprocess.run([*cmd, "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("usage: python -m benchmarks.loader_bench")
+    assert "frames per clip (default 16)" in out.stdout and "crop side in pixels (default 224)" in out.stdout
+    out = subprocess.run([*cmd, "--shards", str(tmp_path / "nope"), "--batches", "1"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
+    assert "--shards: 1 of 1 shard(s) not found" in out.stderr and "nope" in out.stderr
