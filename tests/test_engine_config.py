@@ -223,6 +223,22 @@ def test_fresh_start_refuses_a_folder_with_checkpoints(tmp_path, capsys):
     assert "already holds checkpoints (newest step_00000002): continue with --resume auto" in capsys.readouterr().err
 
 
+def test_bad_resume_path_fails_before_distributed_start(tmp_path):
+    import os
+
+    cfg = write_config(tmp_path / "c.yaml", name="r", output_dir=str(tmp_path / "runs"))
+    run = tmp_path / "runs" / "old"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run / "checkpoints" / "latest_complete").write_text("step_00000002\n")
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    for arg, message in ((str(tmp_path / "nope"), "no such checkpoint folder"),
+                         (str(run), "a run folder, not one checkpoint: use --resume auto")):
+        r = _cli("--config", str(cfg), "--resume", arg, env=env)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert r.stderr.strip().count("\n") == 0 and f"vmae-pretrain: error: --resume {arg}: {message}" in r.stderr
+    assert not (tmp_path / "runs" / "r").exists()  # nothing written for the run that never started
+
+
 def test_mfu_flops_are_model_flops_of_the_paper():
     from vmae_ds.engine.metrics import PEAK_BF16_FLOPS, model_flops_per_clip
 

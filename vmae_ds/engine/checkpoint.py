@@ -98,7 +98,11 @@ def resolve_resume(arg: str | None, ckpt_dir: Path) -> Path | None:
         return ckpt_dir / tag if tag else None
     path = Path(arg)
     if not path.is_dir():
-        raise FileNotFoundError(f"--resume {arg}: not a checkpoint folder")
+        raise FileNotFoundError(f"--resume {arg}: no such checkpoint folder (give auto, none, or "
+                                f"{ckpt_dir}/step_XXXXXXXX)")
+    if read_pointer(path / "checkpoints") or read_pointer(path):  # a run folder or its checkpoints/ folder
+        raise FileNotFoundError(f"--resume {arg}: a run folder, not one checkpoint: use --resume auto "
+                                f"(with name= / output_dir= of that run) or pick one of its step_* folders")
     return path
 
 

@@ -87,6 +87,10 @@ def train(cfg: RunConfig, resume: str | None) -> int:
     if resume in (None, "", "none") and ckpt.read_pointer(ckpt_dir):
         raise RunStopped(f"{run_dir} already holds checkpoints (newest {ckpt.read_pointer(ckpt_dir)}): continue "
                          f"with --resume auto, or pick another name= / delete the folder", 2)
+    try:  # before any process group or engine exists: a typo'd path costs seconds, not a ViT-g start-up
+        folder = ckpt.resolve_resume(resume, ckpt_dir)
+    except FileNotFoundError as e:
+        raise RunStopped(f"error: {e}", 2) from None
     loader = build_loader(cfg, rank, world)
     d, ds = prepare(cfg, loader)
     on_cpu = get_accelerator().device_name() == "cpu"
@@ -107,7 +111,6 @@ def train(cfg: RunConfig, resume: str | None) -> int:
     device = engine.device
 
     state = {"step": 0, "batches": 0, "nonfinite_total": 0}
-    folder = ckpt.resolve_resume(resume, ckpt_dir)
     if folder is not None:
         client, rank_state = ckpt.load(engine, folder)
         if client["world_size"] != world:
