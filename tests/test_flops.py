@@ -160,3 +160,13 @@ def test_cli_table_and_json(capsys):
     assert rows[0]["tokens"] == 4 * 8 * 8
     with pytest.raises(SystemExit):
         main(["--models", "nope"])
+
+
+@pytest.mark.parametrize("ratio", ["1.5", "1.0", "-0.1"])
+def test_cli_refuses_an_encoder_ratio_outside_0_1(capsys, ratio):
+    with pytest.raises(SystemExit) as e:  # used to print negative FLOPs
+        main(["--models", "B", "--encoder-ratio", ratio])
+    assert e.value.code == 2
+    assert f"encoder mask ratio must be in [0, 1), got {float(ratio)}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="encoder mask ratio"):
+        pretrain_flops(get_spec("B"), encoder_ratio=float(ratio))

@@ -68,6 +68,8 @@ def block_flops(tokens: int, dim: int, mlp_hidden: int, attention_included: bool
 
 def encoder_visible_tokens(spec: ModelSpec, encoder_ratio: float, encoder_mask: str = "tube") -> int:
     """Visible tokens: tube: per frame H*W - int(ratio * H*W), times T; random: N - int(ratio * N)."""
+    if not 0.0 <= encoder_ratio < 1.0:  # like vmae_ds.masking: a ratio of 1 would leave no visible token
+        raise ValueError(f"encoder mask ratio must be in [0, 1), got {encoder_ratio}")
     t, h, w = grid_of(spec)
     if encoder_mask == "tube":
         return t * (h * w - int(encoder_ratio * h * w))
@@ -195,8 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                "(vmae_ds.flops.train_step_flops; checkpoint recompute not counted).")
     p.add_argument("--models", nargs="+", default=["S", "B", "L", "H", "g"], metavar="NAME",
                    help=f"model names or aliases ({', '.join(ALIASES)}); default: S B L H g")
-    p.add_argument("--frames", type=int, default=None, help="override input frames (default: 16)")
-    p.add_argument("--img-size", type=int, default=None, help="override input side in pixels (default: 224)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="override input frames (default: the model's, 16; debug: 4)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="override input side in pixels (default: the model's, 224; debug: 32)")
     p.add_argument("--encoder-ratio", type=float, default=0.9, help="tube mask ratio (default: 0.9)")
     p.add_argument("--decoder-ratio", type=float, default=0.5, choices=RUNNING_CELL_RATIOS,
                    help="running-cell decoder mask ratio (default: 0.5)")
