@@ -21,11 +21,32 @@ from dataclasses import replace
 
 import torch
 
-from vmae_ds.models import ALIASES
+from vmae_ds.models import ALIASES, MODELS
 
 from .presets import PRESETS
 
 SIZES = list(ALIASES)  # S B L H g debug
+
+
+def _count(minimum: int):
+    """argparse type: an int >= minimum (a 0 batch or 0 steps used to run nothing or crash late)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _ds_row(text: str) -> tuple[str, int]:
+    """argparse type for --ds SIZE:BATCH (BATCH defaults to 1)."""
+    size, _, batch = text.partition(":")
+    if size not in SIZES and size not in MODELS:
+        raise argparse.ArgumentTypeError(f"size {size!r} is not one of {', '.join(SIZES)} (as in g:8)")
+    return size, _count(1)(batch) if batch else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,21 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="named plan (default: gpu with CUDA, else cpu). Flags below override its fields.")
     p.add_argument("--out", default="reports/bench", help="folder for the JSON, Markdown and PNG (default %(default)s)")
     p.add_argument("--models", nargs="+", choices=SIZES, help="sizes to time for real (replaces the preset's)")
-    p.add_argument("--batch", type=int, help="micro-batch for every timed size (default: the preset's per size)")
-    p.add_argument("--frames", type=int, help="frames for timed sizes (default 16; fewer runs faster, not exact)")
+    p.add_argument("--batch", type=_count(1), help="micro-batch for every timed size (default: the preset's per size)")
+    p.add_argument("--frames", type=_count(1), help="frames for timed sizes (default 16; fewer runs faster, not exact)")
     p.add_argument("--compute", nargs="*", choices=SIZES,
                    help="sizes computed at full size on fake tensors (FLOPs, saved bytes); give none to skip")
     p.add_argument("--kernels", nargs="+", choices=["math", "sdpa", "flash_attn"],
                    help="attention kernels (unavailable ones are skipped and noted)")
     p.add_argument("--ckpt", nargs="+", choices=["off", "on"], help="activation checkpointing settings")
-    p.add_argument("--warmup", type=int, help="untimed steps per cell before timing")
-    p.add_argument("--steps", type=int, help="timed steps per cell (the report gives their median)")
+    p.add_argument("--warmup", type=_count(0), help="untimed steps per cell before timing")
+    p.add_argument("--steps", type=_count(1), help="timed steps per cell (the report gives their median)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                    help="bf16 autocast (default; also on CPU) or plain fp32")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
-    p.add_argument("--threads", type=int,
+    p.add_argument("--threads", type=_count(1),
                    help="torch CPU threads (default: the preset's; cpu uses 1 for steady timings on shared machines)")
-    p.add_argument("--ds", metavar="SIZE:BATCH", help="DeepSpeed ZeRO-3 row, e.g. g:8 (default: the preset's)")
+    p.add_argument("--ds", type=_ds_row, metavar="SIZE:BATCH",
+                   help="DeepSpeed ZeRO-3 row, e.g. g:8 (default: the preset's)")
     p.add_argument("--no-ds", action="store_true", help="skip the DeepSpeed row")
     p.add_argument("--search-max-batch", action=argparse.BooleanOptionalAction, default=None,
                    help="search the largest micro-batch per cell (CUDA only; slow)")
@@ -73,8 +95,7 @@ def _preset(args: argparse.Namespace, device: torch.device):
         measure = {m: (args.batch or b, args.frames or f) for m, (b, f) in measure.items()}
     ds = preset.ds
     if args.ds:
-        size, _, batch = args.ds.partition(":")
-        ds = (size, int(batch or 1))
+        ds = args.ds
     fields = {"measure": measure, "ds": None if args.no_ds else ds}
     for name in ("compute", "kernels", "ckpt", "warmup", "steps", "search_max_batch", "threads"):
         value = getattr(args, name)
@@ -113,7 +134,10 @@ def _command(argv: Sequence[str] | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here (leave --device out, or use cpu)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports deepspeed
@@ -126,6 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .suite import Suite
 
     preset = _preset(args, device)
+    from vmae_ds.models import get_spec
+
+    for size, (_, frames) in preset.measure.items():  # e.g. an odd --frames: say so before any step runs
+        try:
+            get_spec(size, **({"num_frames": frames} if frames else {}))
+        except ValueError as e:
+            parser.error(f"--frames {frames} does not fit {size}: {e}")
     threads = args.threads or (preset.threads if device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,3 +41,38 @@ def test_loader_bench_help_and_missing_shards(tmp_path):
                          text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
     assert "--shards: 1 of 1 shard(s) not found" in out.stderr and "nope" in out.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ds", "foo"], "argument --ds: size 'foo' is not one of S, B, L, H, g, debug"),
+    (["--ds", "g:abc"], "argument --ds: expected an integer, got 'abc'"),
+    (["--batch", "0"], "argument --batch: must be >= 1, got 0"),  # used to be ignored silently
+    (["--steps", "0"], "argument --steps: must be >= 1, got 0"),  # used to crash after the run (empty median)
+    (["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    (["--models", "debug", "--frames", "3"], "--frames 3 does not fit debug: img_size 32 / num_frames 3")])
+def test_bad_arguments_stop_before_any_step_with_one_line(capsys, args, message):
+    from benchmarks.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "smoke", "--device", "cpu", "--no-ds", "--quiet", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_ds_row_accepts_aliases_full_names_and_a_default_batch():
+    from benchmarks.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["--ds", "g:8"]).ds == ("g", 8)
+    assert p.parse_args(["--ds", "vit_base_patch16:2"]).ds == ("vit_base_patch16", 2)
+    assert p.parse_args(["--ds", "debug"]).ds == ("debug", 1)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA message")
+def test_device_cuda_without_cuda_is_one_line(capsys):
+    from benchmarks.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "smoke", "--device", "cuda", "--quiet"])
+    assert e.value.code == 2 and "--device cuda: no CUDA device is available here" in capsys.readouterr().err
