@@ -116,6 +116,8 @@ def build_shards(manifest: str | Path, out: str | Path, *, prefix: str = "shard"
         raise BuildError(f"--shard-size must be >= 1, got {shard_size}")
     if not prefix or any(c in prefix for c in "/.% "):
         raise BuildError(f"--prefix must be a plain name without '/', '.', '%' or spaces, got {prefix!r}")
+    if root is not None and not Path(root).is_dir():  # else every clip would be skipped as a missing file
+        raise BuildError(f"--root {root}: no such folder")
     rows = read_manifest(manifest, manifest_format)
     if not rows:
         raise BuildError(f"{manifest}: the manifest has no rows, nothing to build")

@@ -38,14 +38,22 @@ def _cmd_manifest(a: argparse.Namespace) -> int:
 
 
 def _cmd_hybrid(a: argparse.Namespace) -> int:
+    if a.total is not None and a.total < 1:
+        raise ValueError(f"--total must be >= 1, got {a.total}")
     per_source = defaultdict(list)
     for spec in a.source:
         name, path = _name_value(spec, "--source")
-        per_source[name].extend(read_manifest(path, a.format, default_source=name))
+        rows = read_manifest(path, a.format, default_source=name)
+        if not rows:
+            raise ValueError(f"--source {spec}: the manifest has no rows")
+        per_source[name].extend(rows)
     weights = {}
     for spec in a.weight:
         name, value = _name_value(spec, "--weight")
-        weights[name] = float(value)
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--weight {spec}: W must be a number") from None
     rows, plans = compose(dict(per_source), weights, a.total, a.seed)
     write_manifest(rows, a.out)
     print(format_plan(plans))
@@ -76,7 +84,12 @@ def _cmd_check(a: argparse.Namespace, verify: bool) -> int:
 def _cmd_synth(a: argparse.Namespace) -> int:
     from data_tools.synth import make_videos
 
-    h, w = (int(x) for x in a.size.lower().split("x"))
+    try:
+        h, w = (int(x) for x in a.size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size must look like HxW, e.g. 96x128, got {a.size!r}") from None
+    if a.n < 1 or a.frames < 1:
+        raise ValueError(f"--n and --frames must be >= 1, got {a.n} and {a.frames}")
     paths = make_videos(a.out, a.n, frames=a.frames, size=(h, w), fps=a.fps, seed=a.seed)
     print(f"{len(paths)} H.264 clips ({a.frames} frames, {h}x{w}, {a.fps} fps) -> {a.out}")
     return 0

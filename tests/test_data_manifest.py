@@ -110,3 +110,21 @@ def test_build_refuses_a_manifest_without_rows(tmp_path, text):
                   "--workers", "0", "--quiet")
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "empty.csv: the manifest has no rows" in res.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["synth", "--out", "{t}/s", "--size", "abc"], "--size must look like HxW, e.g. 96x128, got 'abc'"),
+    (["synth", "--out", "{t}/s", "--n", "0"], "--n and --frames must be >= 1"),
+    (["hybrid", "--source", "k710={t}/ok.tsv", "--weight", "k710=abc", "--out", "{t}/h.jsonl"],
+     "--weight k710=abc: W must be a number"),
+    (["hybrid", "--source", "k710={t}/ok.tsv", "--total", "0", "--out", "{t}/h.jsonl"], "--total must be >= 1"),
+    (["hybrid", "--source", "k710={t}/header.csv", "--out", "{t}/h.jsonl"], "header.csv: the manifest has no rows"),
+    (["build", "--manifest", "{t}/ok.tsv", "--out", "{t}/sh", "--root", "{t}/nope", "--workers", "0"],
+     "nope: no such folder")])
+def test_cli_bad_values_name_the_flag_in_one_line(tmp_path, args, message):
+    (tmp_path / "ok.tsv").write_text("path\tlabel\na.mp4\t1\n")
+    (tmp_path / "header.csv").write_text("path,label\n")
+    res = run_cli(*(x.replace("{t}", str(tmp_path)) for x in args))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.strip().count("\n") == 0 and message in res.stderr
+    assert not (tmp_path / "h.jsonl").exists() and not (tmp_path / "s").exists()
