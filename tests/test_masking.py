@@ -188,3 +188,13 @@ def test_illegal_ratios_and_kinds():
         make_encoder_mask("running_cell", 1, SMALL, 0.9)
     with pytest.raises(ValueError, match="decoder mask must be one of"):
         make_decoder_mask("tube", 1, SMALL, 0.5)
+
+
+def test_readme_token_counts_for_vit_b():
+    """README: 1568 tokens; tube 0.9 hides 1408 (what encoder-only masking predicts); the running cell
+    keeps 784 for the decoder, 704 of them hidden from the encoder (the loss tokens, about 45%)."""
+    enc, dec = make_masks("tube", 0.9, "running_cell", 0.5, batch=2, grid=TokenGrid(8, 14, 14))
+    assert enc.shape == (2, 1568)
+    assert enc.sum(1).tolist() == [1408, 1408]
+    assert (~dec).sum(1).tolist() == [784, 784]
+    assert (enc & ~dec).sum(1).tolist() == [704, 704]
