@@ -16,6 +16,13 @@ set -euo pipefail
 hostfile=${1:?usage: $0 HOSTFILE CONFIG.yaml [key=value ...]}; cfg=${2:?config}; shift 2
 here=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PY:-$here/.venv/bin/python}
+# The launch runs from the checkout (DeepSpeed reads ./.deepspeed_env there), so paths given relative to
+# the caller's folder are made absolute first; a path found only in the checkout (configs/...) is taken there.
+absolute() {
+  case $1 in /*) echo "$1" ;; *) if [ -e "$1" ] || [ ! -e "$here/$1" ]; then echo "$PWD/$1"; else echo "$here/$1"; fi ;; esac
+}
+hostfile=$(absolute "$hostfile"); cfg=$(absolute "$cfg")
+[ -f "$hostfile" ] || { echo "$0: hostfile not found: $hostfile" >&2; exit 2; }
 MASTER_ADDR=${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$hostfile")}
 cd "$here"
 : > .deepspeed_env
