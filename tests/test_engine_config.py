@@ -212,6 +212,21 @@ def test_export_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "no complete checkpoint" in capsys.readouterr().err
 
 
+def test_export_to_a_folder_or_an_unwritable_place_is_one_line(tmp_path, capsys):
+    from vmae_ds.export import main as export_main
+
+    step = tmp_path / "step_00000001"  # found as a checkpoint; the output problem is seen before it is read
+    step.mkdir()
+    assert export_main([str(step), str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"vmae-export: error: {tmp_path} is a folder: give the output file, e.g. " \
+                          f"{tmp_path / 'model.safetensors'}"
+    (tmp_path / "a_file").write_text("")
+    assert export_main([str(step), str(tmp_path / "a_file" / "w.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vmae-export: error: cannot create the folder of ") and err.count("\n") == 1
+
+
 def test_fresh_start_refuses_a_folder_with_checkpoints(tmp_path, capsys):
     from vmae_ds.pretrain import main
 

@@ -38,19 +38,31 @@ def consolidate(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous().clone() for k, v in sd.items()}
 
 
+class ExportError(ValueError):
+    """The output cannot be written; the message names the path."""
+
+
 def export(run_or_ckpt: str | Path, out: str | Path) -> Path:
     from safetensors.torch import save_file
 
+    out = Path(out)
+    if out.is_dir():  # checked before the (long) consolidation
+        raise ExportError(f"{out} is a folder: give the output file, e.g. {out / 'model.safetensors'}")
     folder = find_checkpoint(run_or_ckpt)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create the folder of {out}: {e.strerror or e}") from None
     sd = consolidate(folder)
     meta = {"format": "vmae_ds.pretrain", "checkpoint": str(folder)}
     cfg = folder / "config.yaml"
     if cfg.exists():
         import yaml
         meta["config"] = json.dumps(yaml.safe_load(cfg.read_text()))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(out), metadata=meta)
+    try:
+        save_file(sd, str(out), metadata=meta)
+    except Exception as e:  # safetensors' I/O errors are its own type, not OSError
+        raise ExportError(f"cannot write {out}: {str(e).strip().splitlines()[0]}") from None
     n = sum(v.numel() for v in sd.values())
     print(f"exported {folder} -> {out}: {len(sd)} tensors, {n / 1e6:.2f} M parameters, fp32")
     return out
@@ -65,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         export(args.run_dir, args.out)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ExportError) as e:
         print(f"vmae-export: error: {e}", file=sys.stderr)
         return 2
     return 0
