@@ -261,3 +261,20 @@ def test_mfu_flops_are_model_flops_of_the_paper():
     # fwd + bwd = 3 x forward; the paper's 241.61 G multiply-adds per clip for ViT-g with dual masking
     assert model_flops_per_clip(cfg) == pytest.approx(3 * 2 * 241.61e9, rel=2e-3)
     assert PEAK_BF16_FLOPS["H100"] == 989e12 and PEAK_BF16_FLOPS["A100"] == 312e12
+
+
+def test_plain_vmae_pretrain_without_launcher_runs_one_process(tmp_path):
+    """`vmae-pretrain --config ...` typed without the deepspeed launcher: one rank (was an mpi4py traceback)."""
+    import os
+
+    cfg = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "runs"), optim={"max_steps": 1},
+                       logging={"every_steps": 1, "tensorboard": False})
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "vmae_ds.pretrain", "--config", str(cfg)], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "no launcher environment (RANK, WORLD_SIZE): running 1 process" in r.stdout
+    assert "world size 1," in r.stdout and "done: 1 steps" in r.stdout
+    assert (tmp_path / "runs" / "tiny" / "checkpoints" / "latest_complete").read_text().strip() == "step_00000001"

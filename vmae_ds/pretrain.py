@@ -1,4 +1,5 @@
-"""`vmae-pretrain`: VideoMAE V2 pretraining with DeepSpeed (run it under the deepspeed launcher)."""
+"""`vmae-pretrain`: VideoMAE V2 pretraining with DeepSpeed (start it with the deepspeed launcher for several ranks;
+typed alone it runs one process)."""
 
 from __future__ import annotations
 

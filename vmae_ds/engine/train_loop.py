@@ -69,6 +69,24 @@ def world_from_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def single_process_env() -> bool:
+    """Started without a launcher (plain `vmae-pretrain ...`): set up a world of one process on this machine.
+
+    Without RANK / WORLD_SIZE / MASTER_ADDR, DeepSpeed falls back to MPI discovery and fails with an
+    mpi4py traceback. Returns True when it filled the variables in.
+    """
+    if any(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")):
+        return False
+    import socket
+
+    with socket.socket() as s:  # a free port for the one-process rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return True
+
+
 def prepare(cfg: RunConfig, loader: Any) -> tuple[Derived, dict]:
     """Derived recipe values + the validated DeepSpeed dict (no process group needed: fails fast)."""
     _, world = world_from_env()
@@ -82,6 +100,9 @@ def train(cfg: RunConfig, resume: str | None) -> int:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    if single_process_env():
+        say("no launcher environment (RANK, WORLD_SIZE): running 1 process; for more, start it with "
+            "`deepspeed --num_gpus N --module vmae_ds.pretrain ...`")
     rank, world = world_from_env()
     run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
     if resume in (None, "", "none") and ckpt.read_pointer(ckpt_dir):
