@@ -278,3 +278,16 @@ def test_plain_vmae_pretrain_without_launcher_runs_one_process(tmp_path):
     assert "no launcher environment (RANK, WORLD_SIZE): running 1 process" in r.stdout
     assert "world size 1," in r.stdout and "done: 1 steps" in r.stdout
     assert (tmp_path / "runs" / "tiny" / "checkpoints" / "latest_complete").read_text().strip() == "step_00000001"
+
+
+def test_data_shards_errors_name_the_full_key(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "a.tar").write_bytes(b"")
+    cfg = write_config(tmp_path / "c.yaml")
+    base = ["data.kind=shards", f"data.shards.shards={tmp_path / 's'}"]
+    with pytest.raises(ConfigError) as e:
+        load_run_config(cfg, [*base, "data.shards.num_workrs=1"])
+    assert str(e.value).startswith("unknown config key 'data.shards.num_workrs' (allowed here: shards, ")
+    with pytest.raises(ConfigError) as e:
+        load_run_config(cfg, [*base, "data.shards.num_workers=-1"])
+    assert str(e.value).startswith("config field 'data.shards.num_workers': Input should be greater than")

@@ -77,11 +77,13 @@ def _allowed(model: type[BaseModel], loc: tuple) -> str:
     return ", ".join(cls.model_fields)
 
 
-def format_validation_error(err: ValidationError, model: type[BaseModel]) -> str:
-    """The first problem, on one line, with the dotted field name and what is allowed."""
+def format_validation_error(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:
+    """The first problem, on one line, with the dotted field name and what is allowed.
+
+    `prefix`: where `model` sits in a bigger config (e.g. "data.shards."), so the key reads in full."""
     e = err.errors()[0]
     loc = tuple(e["loc"])
-    key = ".".join(str(p) for p in loc) or "<root>"
+    key = prefix + ".".join(str(p) for p in loc) if loc else prefix.rstrip(".") or "<root>"
     if e["type"] == "extra_forbidden":
         allowed = _allowed(model, loc)
         return f"unknown config key '{key}'" + (f" (allowed here: {allowed})" if allowed else "")

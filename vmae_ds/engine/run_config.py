@@ -134,7 +134,7 @@ class RunConfig(Strict):
         try:
             return ShardsConfig.model_validate(raw)
         except ValidationError as e:
-            raise ConfigError("data.shards: " + format_validation_error(e, ShardsConfig)) from None
+            raise ConfigError(format_validation_error(e, ShardsConfig, prefix="data.shards.")) from None
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
