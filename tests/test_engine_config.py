@@ -267,7 +267,7 @@ def test_plain_vmae_pretrain_without_launcher_runs_one_process(tmp_path):
     """`vmae-pretrain --config ...` typed without the deepspeed launcher: one rank (was an mpi4py traceback)."""
     import os
 
-    cfg = write_config(tmp_path / "c.yaml", output_dir=str(tmp_path / "runs"), optim={"max_steps": 1},
+    cfg = write_config(tmp_path / "c.yaml", output_dir="runs", optim={"max_steps": 1},  # relative: see below
                        logging={"every_steps": 1, "tensorboard": False})
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -278,6 +278,11 @@ def test_plain_vmae_pretrain_without_launcher_runs_one_process(tmp_path):
     assert "no launcher environment (RANK, WORLD_SIZE): running 1 process" in r.stdout
     assert "world size 1," in r.stdout and "done: 1 steps" in r.stdout
     assert (tmp_path / "runs" / "tiny" / "checkpoints" / "latest_complete").read_text().strip() == "step_00000001"
+    # the saved config names the run folder absolutely: `--config runs/tiny/config.yaml --resume auto`
+    # continues this run from any folder (a relative output_dir would start a new run elsewhere)
+    for saved in (tmp_path / "runs" / "tiny" / "config.yaml",
+                  tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000001" / "config.yaml"):
+        assert load_run_config(saved).run_dir == tmp_path / "runs" / "tiny"
 
 
 def test_data_shards_errors_name_the_full_key(tmp_path):
@@ -291,3 +296,17 @@ def test_data_shards_errors_name_the_full_key(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_run_config(cfg, [*base, "data.shards.num_workers=-1"])
     assert str(e.value).startswith("config field 'data.shards.num_workers': Input should be greater than")
+
+
+def test_saved_config_makes_local_paths_absolute(tmp_path, monkeypatch):
+    from vmae_ds.engine.train_loop import portable_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sh").mkdir()
+    (tmp_path / "sh" / "a.tar").write_bytes(b"")
+    cfg = load_run_config(write_config(tmp_path / "c.yaml", output_dir="runs"),
+                          ["data.kind=shards", "data.shards.shards=sh/{a..a}.tar"])
+    d = portable_config(cfg)
+    assert d["output_dir"] == str(tmp_path / "runs")
+    assert d["data"]["shards"]["shards"] == str(tmp_path / "sh" / "{a..a}.tar")
+    assert cfg.output_dir == "runs"  # the live config is untouched

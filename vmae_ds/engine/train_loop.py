@@ -69,6 +69,18 @@ def world_from_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def portable_config(cfg: RunConfig) -> dict:
+    """The config as saved in the run folder: output_dir and local shard paths made absolute, so that
+    `--config runs/<name>/config.yaml --resume auto` finds the same run and data from any folder."""
+    d = cfg.model_dump(mode="json")
+    d["output_dir"] = str(Path(cfg.output_dir).resolve())
+    shards = (d["data"].get("shards") or {}).get("shards")
+    if isinstance(shards, str) and "://" not in shards and not shards.startswith("pipe:") \
+            and not Path(shards).is_absolute():
+        d["data"]["shards"]["shards"] = str(Path.cwd() / shards)
+    return d
+
+
 def single_process_env() -> bool:
     """Started without a launcher (plain `vmae-pretrain ...`): set up a world of one process on this machine.
 
@@ -120,7 +132,7 @@ def train(cfg: RunConfig, resume: str | None) -> int:
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None)
     if on_cpu:
         release_cpu_shm_names(rank)
-    config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    config_yaml = yaml.safe_dump(portable_config(cfg), sort_keys=False)
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_yaml)
