@@ -13,7 +13,7 @@ from data_tools.build import BuildError, build_shards
 from data_tools.clipcheck import ClipSettings
 from data_tools.hybrid import PAPER_WEIGHTS, compose, format_plan
 from data_tools.inspect_shards import format_report, inspect, plot_report
-from data_tools.manifest import FORMATS, ManifestError, read_manifest, scan_folder, write_manifest
+from data_tools.manifest import FORMATS, VIDEO_EXTS, ManifestError, read_manifest, scan_folder, write_manifest
 
 EPILOG = """examples:
   vmae-shards manifest videos/ --out videos.jsonl
@@ -32,9 +32,12 @@ def _name_value(text: str, what: str) -> tuple[str, str]:
 
 def _cmd_manifest(a: argparse.Namespace) -> int:
     rows = scan_folder(a.folder, source=a.source, labels_from_dirs=a.labels_from_dirs, all_files=a.all_files)
+    if not rows:  # say why instead of writing an empty manifest
+        what = "files" if a.all_files else f"video files ({' '.join(VIDEO_EXTS)}; --all-files lists every file)"
+        raise ValueError(f"{a.folder}: no {what} found")
     n = write_manifest(rows, a.out)
     print(f"{n} clips from {a.folder} -> {a.out}")
-    return 0 if n else 1
+    return 0
 
 
 def _cmd_hybrid(a: argparse.Namespace) -> int:
