@@ -310,3 +310,15 @@ def test_saved_config_makes_local_paths_absolute(tmp_path, monkeypatch):
     assert d["output_dir"] == str(tmp_path / "runs")
     assert d["data"]["shards"]["shards"] == str(tmp_path / "sh" / "{a..a}.tar")
     assert cfg.output_dir == "runs"  # the live config is untouched
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.num_frames=15", "config field 'model': img_size 32 / num_frames 15 must be multiples of patch_size 8 "
+                            "/ tubelet_size 2"),
+    ("model.decoder_heads=5", "config field 'model': decoder_dim 32 is not divisible by decoder_heads 5"),
+    ("model.drop_path_rate=2", "config field 'model.drop_path_rate': Input should be less than 1 (got 2)"),
+    ("model.num_frames=0", "config field 'model.num_frames': Input should be greater than 0 (got 0)")])
+def test_model_sizes_that_cannot_build_fail_at_load(tmp_path, override, message):
+    with pytest.raises(ConfigError) as e:  # used to pass --check, then fail with a traceback on every rank
+        load_run_config(write_config(tmp_path / "c.yaml"), [override])
+    assert str(e.value) == f"override {override!r}: {message}"

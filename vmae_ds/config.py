@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .masking import RUNNING_CELL_RATIOS
-from .models.registry import ALIASES, MODELS
+from .models.registry import ALIASES, MODELS, get_spec
 
 AttentionKernel = Literal["auto", "flash_attn", "sdpa", "math"]
 ModelName = Literal[tuple(list(MODELS) + list(ALIASES))]  # type: ignore[valid-type]
@@ -29,13 +29,22 @@ class Strict(BaseModel):
 class ModelConfig(Strict):
     name: ModelName = "vit_base_patch16"
     attention: AttentionKernel = "auto"
-    num_frames: int | None = None
-    img_size: int | None = None
-    tubelet_size: int | None = None
-    decoder_depth: int | None = None
-    decoder_dim: int | None = None
-    decoder_heads: int | None = None
-    drop_path_rate: float = 0.0
+    num_frames: int | None = Field(None, gt=0)
+    img_size: int | None = Field(None, gt=0)
+    tubelet_size: int | None = Field(None, gt=0)
+    decoder_depth: int | None = Field(None, gt=0)
+    decoder_dim: int | None = Field(None, gt=0)
+    decoder_heads: int | None = Field(None, gt=0)
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _buildable(self) -> ModelConfig:
+        """Sizes that cannot make a model fail here, not when the model is built on every rank."""
+        spec = get_spec(self.name, **{k: v for k, v in self.overrides().items()
+                                      if k not in ("attention", "drop_path_rate")})  # ValueError: one line
+        if spec.decoder_dim % spec.decoder_heads:
+            raise ValueError(f"decoder_dim {spec.decoder_dim} is not divisible by decoder_heads {spec.decoder_heads}")
+        return self
 
     def overrides(self) -> dict[str, Any]:
         """Keyword overrides for `create_pretrain_model(self.name, **...)`."""
