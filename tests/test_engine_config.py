@@ -322,3 +322,13 @@ def test_model_sizes_that_cannot_build_fail_at_load(tmp_path, override, message)
     with pytest.raises(ConfigError) as e:  # used to pass --check, then fail with a traceback on every rank
         load_run_config(write_config(tmp_path / "c.yaml"), [override])
     assert str(e.value) == f"override {override!r}: {message}"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.base_lr=-1", "config field 'optim.base_lr': Input should be greater than 0 (got -1)"),
+    ("optim.warmup_epochs=7", "config field 'optim': warmup_epochs 7.0 exceeds epochs 6"),
+    ("optim.betas=[0.9,1.5]", "config field 'optim': betas must be in [0, 1), got [0.9, 1.5]")])
+def test_impossible_optimizer_settings_fail_at_load(tmp_path, override, message):
+    with pytest.raises(ConfigError) as e:  # all three used to print "config OK"
+        load_run_config(write_config(tmp_path / "c.yaml"), [override])
+    assert str(e.value) == f"override {override!r}: {message}"

@@ -50,17 +50,25 @@ class OptimConfig(Strict):
 
     batch_size: int = Field(8, gt=0, description="videos per GPU per micro-step, BEFORE num_sample repetition")
     grad_accum: int = Field(1, gt=0)
-    base_lr: float = 1e-3
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-6
-    weight_decay: float = 0.05
+    base_lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    warmup_lr: float = Field(1e-6, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    eps: float = Field(1e-8, gt=0)
     clip_grad: float | None = Field(None, gt=0)
     epochs: int = Field(800, gt=0)
     warmup_epochs: float = Field(40, ge=0)
     steps_per_epoch: int | None = Field(None, gt=0, description="override; default: videos // global batch")
     max_steps: int | None = Field(None, gt=0, description="stop early (the schedule still spans all epochs)")
+
+    @model_validator(mode="after")
+    def _sane(self) -> OptimConfig:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} exceeds epochs {self.epochs}")
+        return self
 
 
 class ActivationCheckpointing(Strict):
