@@ -277,6 +277,7 @@ def test_plain_vmae_pretrain_without_launcher_runs_one_process(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "no launcher environment (RANK, WORLD_SIZE): running 1 process" in r.stdout
     assert "world size 1," in r.stdout and "done: 1 steps" in r.stdout
+    assert "non-finite skipped 0" in r.stdout and "corrupt clips" not in r.stdout  # a shards-only count
     assert (tmp_path / "runs" / "tiny" / "checkpoints" / "latest_complete").read_text().strip() == "step_00000001"
     # the saved config names the run folder absolutely: `--config runs/tiny/config.yaml --resume auto`
     # continues this run from any folder (a relative output_dir would start a new run elsewhere)

@@ -247,7 +247,7 @@ def train(cfg: RunConfig, resume: str | None) -> int:
                    "mfu": flops * clips_s / (world * peak) if flops and peak else None,
                    "nonfinite_total": state["nonfinite_total"]}
             log_now = step % cfg.logging.every_steps == 0 or step == stop_at or step == 1
-            if log_now:  # same steps on every rank, so the all-reduce cannot hang
+            if log_now and cfg.data.kind == "shards":  # same steps on every rank: the all-reduce cannot hang
                 bad = torch.tensor([float(loader.stats().get("corrupt_samples", 0))], device=device)
                 dist.all_reduce(bad)
                 rec["data_skipped"] = int(bad.item())
