@@ -102,3 +102,10 @@ def test_assignment_is_validated():
     cfg = MaskConfig()
     with pytest.raises(ValueError):
         cfg.decoder = "tube"
+
+
+def test_yaml_errors_give_the_line_and_a_folder_is_one_line(tmp_path):
+    bad = tmp_path / "b.yaml"
+    bad.write_text("a: 1\nb: [1, 2\nc: 3\n")
+    assert _err(bad) == f"{bad}:3: not valid YAML (expected ',' or ']', but got ':')"
+    assert _err(tmp_path) == f"{tmp_path}: cannot read the config file (Is a directory)"  # was a traceback
