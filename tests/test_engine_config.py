@@ -125,6 +125,8 @@ def test_missing_ds_json_names_where_it_looked(tmp_path, monkeypatch):
                                           rf"{ROOT}\)"):
         load_ds_json("ds_configs/zero9.json")
     assert load_ds_json("ds_configs/zero3.json")["zero_optimization"]["stage"] == 3  # found in the checkout
+    with pytest.raises(ConfigError, match=rf"^deepspeed_config {tmp_path}: cannot read it \(Is a directory\)$"):
+        load_ds_json(str(tmp_path))
 
 
 def test_help_explains_usage():

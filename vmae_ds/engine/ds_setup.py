@@ -34,6 +34,8 @@ def load_ds_json(path: str | Path) -> dict:
     except FileNotFoundError:
         where = "" if Path(path).is_absolute() else f" (looked under {Path.cwd()} and {checkout})"
         raise ConfigError(f"deepspeed_config: file not found: {path}{where}") from None
+    except OSError as e:  # a folder, no permission, ...
+        raise ConfigError(f"deepspeed_config {path}: cannot read it ({e.strerror or e})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"deepspeed_config {path}: not valid JSON ({e})") from None
 
