@@ -114,6 +114,9 @@ def detect_format(path: Path) -> str:
 def read_manifest(path: str | Path, fmt: str = "auto", default_source: str = "unknown") -> list[ClipRow]:
     """All rows of a manifest; raises ManifestError naming file:line on the first bad row."""
     path = Path(path)
+    if path.is_dir():
+        raise ManifestError(f"{path}: a folder, not a manifest (make one with `vmae-shards manifest {path} --out "
+                            f"m.jsonl`)")
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
     if fmt not in FORMATS:

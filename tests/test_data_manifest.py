@@ -121,7 +121,9 @@ def test_build_refuses_a_manifest_without_rows(tmp_path, text):
     (["hybrid", "--source", "k710={t}/header.csv", "--out", "{t}/h.jsonl"], "header.csv: the manifest has no rows"),
     (["build", "--manifest", "{t}/ok.tsv", "--out", "{t}/sh", "--root", "{t}/nope", "--workers", "0"],
      "nope: no such folder"),
-    (["manifest", "{t}", "--out", "{t}/h.jsonl"], "no video files (.mp4 .avi")])  # only .tsv/.csv there
+    (["manifest", "{t}", "--out", "{t}/h.jsonl"], "no video files (.mp4 .avi"),  # only .tsv/.csv there
+    (["build", "--manifest", "{t}", "--out", "{t}/sh"], "a folder, not a manifest (make one with `vmae-shards "
+                                                        "manifest")])
 def test_cli_bad_values_name_the_flag_in_one_line(tmp_path, args, message):
     (tmp_path / "ok.tsv").write_text("path\tlabel\na.mp4\t1\n")
     (tmp_path / "header.csv").write_text("path,label\n")
