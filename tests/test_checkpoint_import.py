@@ -292,6 +292,14 @@ def test_files_that_are_no_checkpoint_give_one_clear_line(tmp_path, content, mes
     assert "\n" not in msg and "file an issue" not in msg.lower() and "weights_only` set to `False" not in msg
 
 
+def test_a_training_run_folder_points_to_vmae_export(tmp_path):
+    (tmp_path / "run" / "checkpoints" / "step_00000010").mkdir(parents=True)
+    for folder in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "step_00000010"):
+        with pytest.raises(CheckpointError, match=rf"^{folder}: a DeepSpeed training run/checkpoint; export it "
+                                                  rf"first: vmae-export {folder} weights\.safetensors$"):
+            load_pretrained(create_pretrain_model(NAME), folder)
+
+
 def test_mismatch_error_lists_missing_unexpected_and_shapes(tmp_path):
     sd = _official().state_dict()
     sd["encoder.extra.weight"] = torch.zeros(3)

@@ -136,6 +136,9 @@ def _resolve(path: Path) -> list[Path]:
                 shards = sorted(set(json.loads((path / name).read_text())["weight_map"].values()))
                 return [path / s for s in shards]
             return [path / name]
+    if (path / "checkpoints").is_dir() or path.name.startswith("step_"):  # a vmae-pretrain run or checkpoint
+        raise CheckpointError(f"{path}: a DeepSpeed training run/checkpoint; export it first: "
+                              f"vmae-export {path} weights.safetensors")
     raise CheckpointError(f"{path}: directory holds none of {', '.join(_HF_FILES)}")
 
 
