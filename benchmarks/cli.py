@@ -157,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             get_spec(size, **({"num_frames": frames} if frames else {}))
         except ValueError as e:
             parser.error(f"--frames {frames} does not fit {size}: {e}")
+    try:  # before any step: an unwritable --out used to fail only after the whole run
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {args.out}: cannot create the report folder ({e.strerror or e})")
     threads = args.threads or (preset.threads if device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)

@@ -76,3 +76,12 @@ def test_device_cuda_without_cuda_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--preset", "smoke", "--device", "cuda", "--quiet"])
     assert e.value.code == 2 and "--device cuda: no CUDA device is available here" in capsys.readouterr().err
+
+
+def test_unwritable_out_stops_before_any_step(tmp_path, capsys):
+    from benchmarks.cli import main
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "smoke", "--device", "cpu", "--no-ds", "--quiet", "--out", str(tmp_path / "a_file" / "r")])
+    assert e.value.code == 2 and "cannot create the report folder" in capsys.readouterr().err
