@@ -280,3 +280,13 @@ def train(cfg: RunConfig, resume: str | None) -> int:
         return e.code
     finally:
         metrics.close()
+        shutdown(loader)
+
+
+def shutdown(loader: Any) -> None:
+    """Stop loader workers and tear the process group down while every thread is still alive: left to
+    interpreter exit, gloo's threads were occasionally destroyed mid-join ('terminate called ...')."""
+    if hasattr(loader, "close"):
+        loader.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
