@@ -16,6 +16,7 @@ import yaml
 from engine_helpers import metrics, pointer, run, start, wait_for, write_config
 
 from vmae_ds.engine.run_config import RunConfig
+from vmae_ds.engine.train_loop import resume_conflicts
 
 pytestmark = pytest.mark.distributed
 
@@ -125,3 +126,22 @@ def test_sigkill_then_resume_matches_uninterrupted(base):
     for s in range(1, STEPS + 1):
         assert got[s]["loss"] == want[s]["loss"], (s, got[s]["loss"], want[s]["loss"])
         assert got[s]["lr"] == want[s]["lr"] and got[s]["nonfinite_total"] == want[s]["nonfinite_total"]
+
+
+def test_resume_refuses_changed_training_settings(base):
+    tmp, base_dir, _ = base
+    before = sorted((base_dir / "checkpoints").glob("step_*"))
+    cfg = _cfg(tmp, "uninterrupted")  # same run folder, then a changed batch size on the command line
+    code, log = run("--config", str(cfg), "--resume", "auto", "optim.batch_size=4", log=tmp / "changed.log")
+    assert code == 2, log[-4000:]
+    assert "was trained with different settings: optim.batch_size 2 -> 4" in log
+    assert sorted((base_dir / "checkpoints").glob("step_*")) == before  # nothing written
+
+
+def test_resume_conflicts_lists_only_settings_that_matter():
+    saved = RunConfig().model_dump(mode="json")
+    same = RunConfig.model_validate({"optim": {"max_steps": 5}, "logging": {"every_steps": 1},
+                                     "activation_checkpointing": {"mode": "full"}}).model_dump(mode="json")
+    assert resume_conflicts(saved, same) == []
+    changed = RunConfig.model_validate({"seed": 1, "masks": {"decoder": "none"}}).model_dump(mode="json")
+    assert resume_conflicts(saved, changed) == ["masks.decoder 'running_cell' -> 'none'", "seed 0 -> 1"]

@@ -149,6 +149,10 @@ def train(cfg: RunConfig, resume: str | None) -> int:
         if client["world_size"] != world:
             raise RunStopped(f"{folder} was written by {client['world_size']} ranks, this run has {world}: "
                              f"exact resume needs the same world size", 2)
+        changed = resume_conflicts(client.get("config", {}), cfg.model_dump(mode="json"))
+        if changed:
+            raise RunStopped(f"{folder} was trained with different settings: {', '.join(changed)}; "
+                             f"resume with the run's own config (runs/<name>/config.yaml) or start a new run", 2)
         state = dict(client["counters"])
         loader.load_state_dict(rank_state["loader"])
         ckpt.set_rng_state(rank_state["rng"])
@@ -281,6 +285,27 @@ def train(cfg: RunConfig, resume: str | None) -> int:
     finally:
         metrics.close()
         shutdown(loader)
+
+
+# what may change on resume: when to stop, how often to log or save, recompute vs store activations
+_RESUME_FREE = {"name", "output_dir", "deepspeed_config", "optim.max_steps", "activation_checkpointing",
+                "checkpoint", "logging", "debug", "max_consecutive_nonfinite", "data.shards"}
+
+
+def resume_conflicts(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between the checkpoint's config and this run's, where a change
+    would silently break the schedule or exactness (model, masks, optimiser, seed, data kind/repetition)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        dotted = prefix + key
+        if dotted in _RESUME_FREE:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += resume_conflicts(a, b, dotted + ".")
+        elif a != b and not (isinstance(a, list | tuple) and isinstance(b, list | tuple) and list(a) == list(b)):
+            out.append(f"{dotted} {a!r} -> {b!r}")
+    return out
 
 
 def shutdown(loader: Any) -> None:
