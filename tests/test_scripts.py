@@ -27,7 +27,8 @@ def _fake_checkout(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _run(co: Path, py: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NCCL_")}
+    # in-process DeepSpeed tests earlier in the session export MASTER_ADDR/PORT: the script must not see them
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NCCL_", "MASTER_"))}
     return subprocess.run(["bash", str(co / "scripts" / "train_multinode.sh"), *args], cwd=cwd,
                           env=dict(env, PY=str(py)), capture_output=True, text=True, timeout=60)
 
