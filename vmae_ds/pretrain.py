@@ -4,6 +4,7 @@ typed alone it runs one process)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import ConfigError
@@ -62,5 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def cli() -> None:
+    """Console-script / `python -m` entry: everything is flushed and closed by main(), then the process
+    leaves without running native static destructors (see engine.train_loop.shutdown)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -191,6 +191,7 @@ def train(cfg: RunConfig, resume: str | None) -> int:
 
     engine.train()
     stream = endless(loader)  # created after load_state_dict: the loader starts where the checkpoint left it
+    in_step = True  # False once every rank is known to leave the loop together (safe to barrier)
     try:
         while state["step"] < stop_at:
             if preempt.agreed(device):
@@ -277,14 +278,16 @@ def train(cfg: RunConfig, resume: str | None) -> int:
         if rank == 0:
             say(f"done: {state['step']} steps, {state['nonfinite_total']} non-finite skipped; "
                 f"last checkpoint {last_ckpt}")
+        in_step = False
         return 0
-    except RunStopped as e:
+    except RunStopped as e:  # raised on every rank alike (agreed by all-reduce)
+        in_step = False
         if rank == 0:
             say(str(e))
         return e.code
     finally:
         metrics.close()
-        shutdown(loader)
+        shutdown(loader, synced=not in_step)
 
 
 # what may change on resume: when to stop, how often to log or save, recompute vs store activations
@@ -308,10 +311,13 @@ def resume_conflicts(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def shutdown(loader: Any) -> None:
-    """Stop loader workers and tear the process group down while every thread is still alive: left to
-    interpreter exit, gloo's threads were occasionally destroyed mid-join ('terminate called ...')."""
+def shutdown(loader: Any, synced: bool) -> None:
+    """Stop loader workers, wait for every rank (when all are known to be here), and tear the process
+    group down while its threads are alive. The entry point then leaves with os._exit: at interpreter
+    exit, a native thread was occasionally destroyed while joinable ('terminate called ...', SIGABRT)."""
     if hasattr(loader, "close"):
         loader.close()
     if dist.is_initialized():
+        if synced:
+            dist.barrier()
         dist.destroy_process_group()
