@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .masking import RUNNING_CELL_RATIOS
-from .models.registry import ALIASES, MODELS, get_spec
+from .models.registry import ALIASES, MODELS, ModelSpec, get_spec
 
 AttentionKernel = Literal["auto", "flash_attn", "sdpa", "math"]
 ModelName = Literal[tuple(list(MODELS) + list(ALIASES))]  # type: ignore[valid-type]
@@ -40,11 +40,15 @@ class ModelConfig(Strict):
     @model_validator(mode="after")
     def _buildable(self) -> ModelConfig:
         """Sizes that cannot make a model fail here, not when the model is built on every rank."""
-        spec = get_spec(self.name, **{k: v for k, v in self.overrides().items()
-                                      if k not in ("attention", "drop_path_rate")})  # ValueError: one line
+        spec = self.spec()  # an impossible size raises a one-line ValueError here
         if spec.decoder_dim % spec.decoder_heads:
             raise ValueError(f"decoder_dim {spec.decoder_dim} is not divisible by decoder_heads {spec.decoder_heads}")
         return self
+
+    def spec(self) -> ModelSpec:
+        """The model's sizes (registry entry + size overrides), without building it."""
+        sizes = {k: v for k, v in self.overrides().items() if k not in ("attention", "drop_path_rate")}
+        return get_spec(self.name, **sizes)
 
     def overrides(self) -> dict[str, Any]:
         """Keyword overrides for `create_pretrain_model(self.name, **...)`."""

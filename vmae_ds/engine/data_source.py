@@ -7,18 +7,12 @@ from typing import Any
 
 from ..config import ConfigError
 from ..masking import TokenGrid
-from ..models import get_spec
 from .run_config import RunConfig
 from .synthetic import SyntheticLoader
 
 
-def model_spec(cfg: RunConfig) -> Any:
-    sizes = {k: v for k, v in cfg.model.overrides().items() if k not in ("attention", "drop_path_rate")}
-    return get_spec(cfg.model.name, **sizes)
-
-
 def build_loader(cfg: RunConfig, rank: int, world: int) -> Any:
-    spec = model_spec(cfg)
+    spec = cfg.model.spec()
     grid = TokenGrid(spec.num_frames // spec.tubelet_size, spec.img_size // spec.patch_size,
                      spec.img_size // spec.patch_size)
     masks = cfg.masks.model_dump()

@@ -38,15 +38,11 @@ def peak_memory_gib() -> tuple[float, str]:
     return kib / 2**20, "rss"
 
 
-def model_flops_per_clip(cfg: Any) -> float | None:
-    """fwd+bwd FLOPs per clip from vmae_ds.flops (recompute not counted), or None if unavailable."""
-    try:
-        from ..flops import train_step_flops
-        from ..models import get_spec
-    except ImportError:
-        return None
-    spec = get_spec(cfg.model.name, **{k: v for k, v in cfg.model.overrides().items()
-                                       if k not in ("attention", "drop_path_rate")})
+def model_flops_per_clip(cfg: Any) -> float:
+    """fwd+bwd FLOPs per clip from vmae_ds.flops (recompute not counted)."""
+    from ..flops import train_step_flops
+
+    spec = cfg.model.spec()
     m = cfg.masks
     return float(train_step_flops(spec, decoder_mode=m.decoder, encoder_ratio=m.encoder_ratio,
                                   decoder_ratio=m.decoder_ratio).total)

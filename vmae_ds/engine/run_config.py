@@ -11,11 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ..config import ConfigError, MaskConfig, ModelConfig, Strict, load_config
-
-try:  # lands with the data package; the synthetic source works without it
-    from ..data.config import DataConfig as ShardsConfig
-except ImportError:  # pragma: no cover - only before vmae_ds.data exists
-    ShardsConfig = None  # type: ignore[assignment,misc]
+from ..data.config import DataConfig as ShardsConfig
 
 
 class SyntheticConfig(Strict):
@@ -38,8 +34,6 @@ class DataSection(Strict):
     @model_validator(mode="after")
     def _check_shards(self) -> DataSection:
         if self.kind == "shards":
-            if ShardsConfig is None:
-                raise ValueError("data.kind=shards needs the vmae_ds.data package")
             if self.shards is None:
                 raise ValueError("data.kind=shards needs a data.shards section")
         return self
@@ -128,10 +122,7 @@ class RunConfig(Strict):
         from pydantic import ValidationError
 
         from ..config import format_validation_error
-        from ..models import get_spec
-
-        spec = get_spec(self.model.name, **{k: v for k, v in self.model.overrides().items()
-                                            if k not in ("attention", "drop_path_rate")})
+        spec = self.model.spec()
         raw = dict(self.data.shards or {})
         owned = {"num_sample": (self.data.num_sample, "data.num_sample"),
                  "num_frames": (spec.num_frames, "the model's num_frames"),
