@@ -116,7 +116,7 @@ def _grads_main(out: str) -> None:
 
     from vmae_ds.data import normalize_on_device
     from vmae_ds.engine.ds_setup import load_ds_json
-    from vmae_ds.engine.train_loop import release_cpu_shm_names
+    from vmae_ds.engine.launch import release_cpu_shm_names
     from vmae_ds.losses import pixel_target, reconstruction_loss
     from vmae_ds.masking import TokenGrid, make_masks
     from vmae_ds.models import create_pretrain_model

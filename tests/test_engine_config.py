@@ -302,7 +302,7 @@ def test_data_shards_errors_name_the_full_key(tmp_path):
 
 
 def test_saved_config_makes_local_paths_absolute(tmp_path, monkeypatch):
-    from vmae_ds.engine.train_loop import portable_config
+    from vmae_ds.engine.launch import portable_config
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sh").mkdir()
@@ -335,3 +335,61 @@ def test_impossible_optimizer_settings_fail_at_load(tmp_path, override, message)
     with pytest.raises(ConfigError) as e:  # all three used to print "config OK"
         load_run_config(write_config(tmp_path / "c.yaml"), [override])
     assert str(e.value) == f"override {override!r}: {message}"
+
+
+def test_default_warmup_starts_at_zero_like_the_authors():
+    # the authors call cosine_scheduler without start_warmup_value: their ramp starts at 0, whatever --warmup_lr
+    opt = OptimConfig(batch_size=32, base_lr=1.5e-4, min_lr=1e-5, epochs=10, warmup_epochs=2)
+    d = derive(opt, world_size=8, num_sample=4, batches_per_epoch=50)
+    ref = _authors_cosine(d.lr, d.min_lr, 10, 50, 2, 0.0)
+    ours = np.array([lr_at(i, d) for i in range(d.total_steps)])
+    assert ours[0] == 0.0 and np.allclose(ours, ref, rtol=1e-12, atol=0)
+    for recipe in ("vit_base_hybrid", "vit_giant_hybrid"):
+        cfg = load_run_config(ROOT / "configs" / "pretrain" / f"{recipe}.yaml", ["data.kind=synthetic"])
+        assert cfg.optim.warmup_lr == 0.0, recipe
+
+
+def test_patch_size_override_listed_in_the_readme_is_accepted(tmp_path):
+    cfg = load_run_config(write_config(tmp_path / "c.yaml"), ["model.patch_size=16"])
+    spec = cfg.model.spec()
+    assert spec.patch_size == 16 and spec.img_size // spec.patch_size == 2  # 32 px / 16
+    readme = (ROOT / "README.md").read_text()
+    listed = readme.split("Overrides: ", 1)[1].split("\n\n", 1)[0]
+    values = {"num_frames": 8, "img_size": 64, "tubelet_size": 4, "patch_size": 16, "decoder_depth": 2,
+              "decoder_dim": 64, "decoder_heads": 4, "drop_path_rate": 0.1, "attention": "math"}
+    for name, value in values.items():  # every override the README lists is a run config field
+        assert f"`{name}`" in listed
+        cfg = load_run_config(write_config(tmp_path / "c.yaml"), [f"model.{name}={value}"])
+        assert getattr(cfg.model, name) == value
+
+
+@pytest.mark.parametrize("gpu,key,peak", [("NVIDIA H100 80GB HBM3", "H100", 989e12),
+                                          ("NVIDIA H100 NVL", "H100_NVL", 835e12),
+                                          ("NVIDIA H100 PCIe", "H100_PCIE", 756e12),
+                                          ("NVIDIA H200", "H200", 989e12),
+                                          ("NVIDIA H200 NVL", "H200_NVL", 835e12),
+                                          ("NVIDIA A100-SXM4-80GB", "A100", 312e12),
+                                          ("NVIDIA GeForce RTX 4090", None, None)])
+def test_mfu_peak_per_card_variant(gpu, key, peak):
+    from vmae_ds.engine.metrics import PEAK_BF16_FLOPS, device_key
+
+    assert device_key(gpu) == key
+    assert PEAK_BF16_FLOPS.get(key) == peak
+
+
+def test_progress_line_reports_reserved_memory_next_to_allocated():
+    from vmae_ds.engine.metrics import progress_line
+
+    rec = {"step": 3, "epoch": 0, "loss": 0.5, "lr": 1e-3, "grad_norm": 1.0, "clips_per_s": 10.0, "mfu": 0.45,
+           "peak_mem_gib": 61.5, "peak_reserved_gib": 70.25, "mem_kind": "cuda", "data_wait": 0.01,
+           "nonfinite_total": 0}
+    assert "peak mem 61.50 GiB (reserved 70.25)" in progress_line(rec, 10)
+
+
+@pytest.mark.parametrize("cpus,local,workers,on_cpu,want", [(2, 2, 0, True, 1), (64, 8, 10, True, 8),
+                                                             (96, 8, 10, False, 2), (16, 8, 1, False, 1),
+                                                             (128, 8, 4, False, 4)])
+def test_rank_threads_leave_the_cores_to_decode_workers_on_gpu(cpus, local, workers, on_cpu, want):
+    from vmae_ds.engine.launch import rank_threads
+
+    assert rank_threads(cpus, local, workers, on_cpu) == want

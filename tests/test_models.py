@@ -75,8 +75,26 @@ def test_meta_to_empty_init_weights():
     bound = (6 / (384 + 3 * 384)) ** 0.5
     w = blk.attn.qkv.weight.detach()
     assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound and abs(float(w.std()) - bound / 3**0.5) < 1e-3
-    # timm's trunc_normal_ truncates at +-2 absolute, so with std .02 it is effectively a plain normal
-    assert 0.01 < float(model.mask_token.detach().std()) < 0.03
+    # the authors' trunc_normal_ wrapper cuts at +-1 std (timm's default, +-2 absolute, would not cut at all):
+    # a normal truncated at +-1 sigma has std 0.538 sigma
+    mt = model.mask_token.detach()
+    assert mt.abs().max() <= 0.02 and 0.0095 < float(mt.std()) < 0.0120, (mt.abs().max(), mt.std())
+    # encoder_to_decoder keeps PyTorch's default Linear init (the authors never apply theirs to it):
+    # kaiming-uniform(a=sqrt 5) = U(+-1/sqrt(fan_in)), not xavier's U(+-sqrt(6 / (fan_in + fan_out)))
+    e2d = model.encoder_to_decoder.weight.detach()
+    # (xavier's bound here is sqrt(6 / 576) = 0.102: its 73 k draws would exceed 1/sqrt(384) = 0.051)
+    assert e2d.abs().max() <= 384**-0.5 and e2d.abs().max() > 0.95 * 384**-0.5
+
+
+def test_official_init_of_the_classifier_head_and_linears():
+    from vmae_ds.models import create_classifier
+
+    torch.manual_seed(0)
+    m = create_classifier("S", num_classes=400, num_frames=4, img_size=96)
+    w = m.blocks[0].mlp.fc1.weight.detach()  # trunc-normal(.02) cut at +-.02: std .0108
+    assert w.abs().max() <= 0.02 and abs(float(w.std()) - 0.538 * 0.02) < 5e-4
+    head = m.head.weight.detach()  # the same, scaled by 0.001
+    assert head.abs().max() <= 2e-5 and abs(float(head.std()) - 0.538 * 2e-5) < 1e-6
 
 
 def test_overrides():
@@ -89,7 +107,9 @@ def test_overrides():
     assert m.decoder.head.out_features == 3 * 4 * 8 * 8
     rates = [b.drop_path.drop_prob if isinstance(b.drop_path, DropPath) else 0.0 for b in m.encoder.blocks]
     assert rates == pytest.approx([0.0, 0.2])  # linear over depth
-    assert all(not isinstance(b.drop_path, DropPath) for b in m.decoder.blocks)
+    # the authors hand the decoder the same drop_path_rate, spread over its own depth
+    rates = [b.drop_path.drop_prob if isinstance(b.drop_path, DropPath) else 0.0 for b in m.decoder.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2])
     enc, dec = make_masks("tube", 0.9, "running_cell", 0.5, 2, TokenGrid(*m.grid))
     assert m(torch.randn(2, 3, 8, 48, 48), enc, dec).shape == (2, 36, 3 * 4 * 8 * 8)
 

@@ -32,6 +32,7 @@ class ModelConfig(Strict):
     num_frames: int | None = Field(None, gt=0)
     img_size: int | None = Field(None, gt=0)
     tubelet_size: int | None = Field(None, gt=0)
+    patch_size: int | None = Field(None, gt=0)
     decoder_depth: int | None = Field(None, gt=0)
     decoder_dim: int | None = Field(None, gt=0)
     decoder_heads: int | None = Field(None, gt=0)

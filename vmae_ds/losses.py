@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .masking import loss_positions
+from .masking import TokenSelection, gather_tokens, select_tokens
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -19,31 +19,41 @@ def patchify(video: torch.Tensor, patch_size: int, tubelet_size: int) -> torch.T
     return x.reshape(b, tt * hh * ww, tubelet_size * patch_size * patch_size, c)
 
 
+def channel_stats(device: torch.device | str, mean: tuple[float, ...] = IMAGENET_MEAN,
+                  std: tuple[float, ...] = IMAGENET_STD) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) as float32 (1, C, 1, 1, 1) tensors on `device`: make them once per run, not per step
+    (building a tensor from Python numbers on a GPU is a host-to-device copy every call)."""
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1, 1),
+            torch.tensor(std, device=device).view(1, -1, 1, 1, 1))
+
+
 def pixel_target(video: torch.Tensor, patch_size: int, tubelet_size: int,
-                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
+                 mean: tuple[float, ...] | torch.Tensor = IMAGENET_MEAN,
+                 std: tuple[float, ...] | torch.Tensor = IMAGENET_STD) -> torch.Tensor:
     """Per-patch normalised pixels (B, N, t*p*p*C), flattened channel-last.
 
     `video` is the normalised model input; the normalisation is undone back to [0, 1] first, then each
     token's channel is standardised over its t*p*p pixels (unbiased std + 1e-6). Computed in float32.
+    `mean`/`std`: tuples, or the tensors of `channel_stats` (no per-call copy).
     """
     v = video.float()
-    m = torch.tensor(mean, device=v.device).view(1, -1, 1, 1, 1)
-    s = torch.tensor(std, device=v.device).view(1, -1, 1, 1, 1)
+    m = mean if isinstance(mean, torch.Tensor) else torch.tensor(mean, device=v.device).view(1, -1, 1, 1, 1)
+    s = std if isinstance(std, torch.Tensor) else torch.tensor(std, device=v.device).view(1, -1, 1, 1, 1)
     patches = patchify(v * s + m, patch_size, tubelet_size)
     normed = (patches - patches.mean(dim=-2, keepdim=True)) / (patches.var(dim=-2, unbiased=True,
                                                                              keepdim=True).sqrt() + 1e-6)
     return normed.flatten(2)
 
 
-def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, encoder_mask: torch.Tensor,
-                        decoder_mask: torch.Tensor | None) -> torch.Tensor:
+def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, encoder_mask: torch.Tensor | TokenSelection,
+                        decoder_mask: torch.Tensor | None = None) -> torch.Tensor:
     """MSE per token, averaged over tokens hidden from the encoder AND kept by the decoder.
 
-    pred: (B, N_keep, D) model output; target: (B, N, D) from `pixel_target`.
+    pred: (B, N_keep, D) model output; target: (B, N, D) from `pixel_target`; masks as for the model
+    (bool masks, or one TokenSelection).
     """
-    kept = encoder_mask if decoder_mask is None else ~decoder_mask
-    b = target.shape[0]
-    labels = target[kept].reshape(b, -1, target.shape[-1])
-    weight = loss_positions(encoder_mask, decoder_mask).float()
+    sel = encoder_mask if isinstance(encoder_mask, TokenSelection) else select_tokens(encoder_mask, decoder_mask)
+    labels = gather_tokens(target, sel.kept)
+    weight = sel.loss_weight
     per_token = (pred.float() - labels).pow(2).mean(dim=-1)
     return (per_token * weight).sum() / weight.sum()

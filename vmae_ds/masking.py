@@ -144,3 +144,49 @@ def loss_positions(encoder_mask: torch.Tensor, decoder_mask: torch.Tensor | None
     kept = decoder_kept(encoder_mask, decoder_mask)
     b = encoder_mask.shape[0]
     return encoder_mask[kept].reshape(b, -1)
+
+
+@dataclass(frozen=True)
+class TokenSelection:
+    """A batch's masks as fixed-count index tensors, the form the model and loss consume.
+
+    visible: (B, Nv) encoder-visible token ids, ascending; kept: (B, Nk) decoder-predicted ids, ascending;
+    loss_weight: (B, Nk) float, 1 where a kept token was hidden from the encoder. Every mask hides an exact
+    count per sample, so the shapes do not depend on the data: a GPU can queue the decoder without waiting
+    for the encoder (boolean-mask indexing would make the host wait for the count).
+    """
+
+    visible: torch.Tensor
+    kept: torch.Tensor
+    loss_weight: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TokenSelection:
+        return TokenSelection(*(t.to(device, non_blocking=non_blocking)
+                                for t in (self.visible, self.kept, self.loss_weight)))
+
+    def pin_memory(self) -> TokenSelection:
+        return TokenSelection(*(t.pin_memory() for t in (self.visible, self.kept, self.loss_weight)))
+
+
+def _true_positions(mask: torch.Tensor, what: str) -> torch.Tensor:
+    """Ascending positions of the True entries of every row; all rows must hold the same count."""
+    counts = mask.sum(dim=1)
+    n = int(counts[0])
+    if not bool((counts == n).all()):
+        raise ValueError(f"{what}: rows hold different counts ({sorted(set(counts.tolist()))}); every mask must "
+                         f"select an exact number of tokens per sample")
+    # stable sort of 0/1 keys puts the True positions first, in ascending order
+    return torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :n]
+
+
+def select_tokens(encoder_mask: torch.Tensor, decoder_mask: torch.Tensor | None) -> TokenSelection:
+    """Bool masks (True = hidden / dropped) -> index form. Run it where the masks are made (CPU)."""
+    kept = decoder_kept(encoder_mask, decoder_mask)
+    kept_idx = _true_positions(kept, "decoder-kept positions")
+    return TokenSelection(visible=_true_positions(~encoder_mask, "encoder-visible positions"), kept=kept_idx,
+                          loss_weight=encoder_mask.gather(1, kept_idx).float())
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, N, C) -> (B, len(index[b]), C): rows `index` of every sample."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

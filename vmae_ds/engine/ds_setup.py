@@ -14,8 +14,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
-from ..models import create_pretrain_model
-from .optim import Derived, param_groups
+from .optim import Derived
 from .run_config import RunConfig
 
 AUTO = "auto"
@@ -88,24 +87,47 @@ def offloads_optimizer(ds: dict) -> bool:
     return dev not in (None, "none")
 
 
-def build_engine(cfg: RunConfig, ds: dict) -> Any:
+def build_engine(cfg: RunConfig, ds: dict, objective: Any) -> tuple[Any, list[str]]:
+    """The DeepSpeed engine around the objective's model, and report lines (weights loaded, ...)."""
     import deepspeed
 
     torch.manual_seed(cfg.seed)  # identical init on every rank (zero.Init also broadcasts rank 0's)
+    stage3 = zero_stage(ds) == 3
     # Stage 3: parameters are partitioned as each module is built, so ViT-g never exists whole on one rank.
-    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage(ds) == 3):
-        model = create_pretrain_model(cfg.model.name, **cfg.model.overrides())
+    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=stage3):
+        model = objective.build_model()
+    lines: list[str] = []
+    if getattr(objective, "has_initial_weights", False):
+        # every rank reads the file; rank 0's result is what the partitions keep
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0, enabled=stage3):
+            lines = objective.initial_weights(model)
     ac = cfg.activation_checkpointing
     model.set_activation_checkpointing(ac.mode, ac.num_blocks)
-    groups = param_groups(model, cfg.optim.weight_decay)
+    if cfg.speed.compile:
+        compile_blocks(model)
+    groups = objective.param_groups(model)
     o = cfg.optim
     if offloads_optimizer(ds):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         opt = DeepSpeedCPUAdam(groups, lr=o.base_lr, betas=o.betas, eps=o.eps, adamw_mode=True)
     else:
-        opt = torch.optim.AdamW(groups, lr=o.base_lr, betas=o.betas, eps=o.eps)
+        from deepspeed.accelerator import get_accelerator
+
+        on_cuda = get_accelerator().device_name() == "cuda"
+        fused = on_cuda if o.fused is None else o.fused
+        opt = torch.optim.AdamW(groups, lr=o.base_lr, betas=o.betas, eps=o.eps, fused=fused or None)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
-    return engine
+    return engine, lines
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """torch.compile each transformer block in place (regions compile fast and ZeRO hooks stay outside)."""
+    from ..models.vit import Block
+
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for b in blocks:
+        b.compile()
+    return len(blocks)
 
 
 def gathered_state(engine: Any) -> dict[str, torch.Tensor]:

@@ -10,36 +10,52 @@ from typing import Any
 
 import torch
 
-# Dense bf16 tensor-core peak per device, FLOP/s (vendor datasheets, no sparsity).
+# Dense bf16 tensor-core peak per device, FLOP/s (vendor datasheets, no sparsity). The NVL and PCIe
+# cards run at lower clocks and power than the SXM modules of the same name.
 PEAK_BF16_FLOPS: dict[str, float] = {
-    "H100": 989e12,  # SXM; the PCIe card is 756e12: pass logging.device_name=H100_PCIE
+    "H100": 989e12,  # SXM
+    "H100_NVL": 835e12,
     "H100_PCIE": 756e12,
-    "H200": 989e12,
+    "H200": 989e12,  # SXM
+    "H200_NVL": 835e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
     "A100": 312e12,
     "L40S": 362e12,
 }
+
+
+def device_key(name: str) -> str | None:
+    """Key into PEAK_BF16_FLOPS for a CUDA device name (as torch.cuda.get_device_name gives it)."""
+    name = name.upper()
+    for family in ("GH200", "H200", "H100", "B200", "A100", "L40S"):
+        if family in name:
+            for variant in ("NVL", "PCIE"):
+                if variant in name and f"{family}_{variant}" in PEAK_BF16_FLOPS:
+                    return f"{family}_{variant}"
+            return family
+    return None
 
 
 def detect_device_name() -> str | None:
     """Key into PEAK_BF16_FLOPS for the current GPU, or None (CPU / unknown: MFU is reported as n/a)."""
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name().upper()
-    if "H100" in name and "PCIE" in name:
-        return "H100_PCIE"
-    return next((k for k in ("H200", "H100", "A100", "L40S") if k in name), None)
+    return device_key(torch.cuda.get_device_name())
 
 
-def peak_memory_gib() -> tuple[float, str]:
-    """(peak GiB, what was measured): CUDA allocator peak on GPU, process max RSS on CPU."""
+def peak_memory_gib() -> tuple[float, float | None, str]:
+    """(peak GiB, peak reserved GiB or None, what was measured): on GPU the CUDA allocator's peak of
+    allocated tensors and of the memory it holds from the driver (reserved: what other processes cannot
+    use, fragmentation included); on CPU the process max RSS."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30, "cuda"
+        return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30, "cuda"
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return kib / 2**20, "rss"
+    return kib / 2**20, None, "rss"
 
 
 def model_flops_per_clip(cfg: Any) -> float:
-    """fwd+bwd FLOPs per clip from vmae_ds.flops (recompute not counted)."""
+    """fwd+bwd FLOPs per clip of MAE pretraining from vmae_ds.flops (recompute not counted)."""
     from ..flops import train_step_flops
 
     spec = cfg.model.spec()
@@ -89,12 +105,33 @@ class MetricsWriter:
 
 def progress_line(rec: dict, total_steps: int) -> str:
     mfu = "n/a" if rec.get("mfu") is None else f"{rec['mfu'] * 100:.1f}%"
+    if rec.get("mfu_with_teacher") is not None:
+        mfu += f" ({rec['mfu_with_teacher'] * 100:.1f}% with teacher)"
     gn = "n/a" if rec.get("grad_norm") is None else f"{rec['grad_norm']:.3f}"
-    return (f"step {rec['step']}/{total_steps} ep {rec['epoch']} | loss {rec['loss']:.4f} | lr {rec['lr']:.3e} | "
-            f"grad norm {gn} | {rec['clips_per_s']:.1f} clips/s | MFU {mfu} | "
-            f"peak mem {rec['peak_mem_gib']:.2f} GiB ({rec['mem_kind']}) | data wait {rec['data_wait'] * 100:.0f}% | "
-            f"non-finite skipped {rec['nonfinite_total']}"
-            + (f" | corrupt clips skipped {rec['data_skipped']}" if "data_skipped" in rec else ""))
+    mem = f"{rec['peak_mem_gib']:.2f} GiB"
+    if rec.get("peak_reserved_gib") is not None:
+        mem += f" (reserved {rec['peak_reserved_gib']:.2f})"
+    else:
+        mem += f" ({rec['mem_kind']})"
+    extra = "".join(f" | {k} {v:.4g}" for k, v in rec.get("objective", {}).items())
+    loader = f" | loader mem {rec['loader_mem_gib']:.2f} GiB" if rec.get("loader_mem_gib") is not None else ""
+    return (f"step {rec['step']}/{total_steps} ep {rec['epoch']} | loss {rec['loss']:.4f}{extra} | "
+            f"lr {rec['lr']:.3e} | grad norm {gn} | {rec['clips_per_s']:.1f} clips/s | MFU {mfu} | peak mem {mem} | "
+            f"data wait {rec['data_wait'] * 100:.0f}%{loader} | non-finite skipped {rec['nonfinite_total']}"
+            + data_problems(rec))
+
+
+def data_problems(rec: dict) -> str:
+    """Skipped clips in the progress line: the count, and the names of those that crashed or hung a decoder."""
+    if "data_skipped" not in rec:
+        return ""
+    out = f" | corrupt clips skipped {rec['data_skipped']}"
+    for kind in ("crashed", "hung"):
+        names = rec.get(f"data_{kind}") or []
+        if names:
+            shown = ", ".join(names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "")
+            out += f" | decoder {kind} on {len(names)}: {shown}"
+    return out
 
 
 def say(msg: str) -> None:

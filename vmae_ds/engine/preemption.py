@@ -12,10 +12,10 @@ import torch.distributed as dist
 class Preemption:
     """SIGTERM sets a flag; at the top of every step the ranks agree on it (one tiny all-reduce), save, exit.
 
-    A scheduler signals every process of the job, DataLoader workers included, and those die at once:
-    so the handler also drops torch's SIGCHLD hook (it would raise "worker killed" wherever the main
-    process happens to be), and no batch is drawn once the flag is seen. The loader's position lives
-    in the main process, so the checkpoint does not need the workers.
+    The agreement runs over a host-side (gloo) group on a CPU tensor, so it never waits for the GPU.
+    A scheduler signals every process of the job: DataLoader workers ignore SIGTERM (the main process
+    decides), and the handler also drops torch's SIGCHLD hook so a worker that dies anyway cannot raise
+    "worker killed" wherever the main process happens to be.
     """
 
     def __init__(self) -> None:
@@ -26,7 +26,9 @@ class Preemption:
         self.requested = True
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
-    def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([float(self.requested)], device=device)
-        dist.all_reduce(flag)
+    def agreed(self, device: torch.device | None = None, group: Any = None) -> bool:
+        flag = torch.tensor([float(self.requested)])
+        if group is None and device is not None and device.type != "cpu":  # no host group: the default one
+            flag = flag.to(device)
+        dist.all_reduce(flag, group=group)
         return flag.item() > 0

@@ -1,6 +1,9 @@
-"""The run config: one pydantic model for a whole pretraining run (YAML + dotted overrides).
+"""The run config: one pydantic model for a whole training run (YAML + dotted overrides).
 
-Every section forbids unknown keys, so a typo fails at start-up with a one-line error naming it.
+Every section forbids unknown keys, so a typo fails at start-up with a one-line error naming it. The common
+sections (model, data, optim, checkpoint, logging, ...) serve every objective; `masks` (mae), `umt`,
+`finetune` (classify, distill) and `distill` are the objectives' own, and setting one that the run's
+objective does not read is an error rather than a silent no-op.
 """
 
 from __future__ import annotations
@@ -13,16 +16,23 @@ from pydantic import Field, model_validator
 from ..config import ConfigError, MaskConfig, ModelConfig, Strict, load_config
 from ..data.config import DataConfig as ShardsConfig
 
+OBJECTIVES = ("mae", "umt", "classify", "distill")
+Objective = Literal["mae", "umt", "classify", "distill"]
+# the sections each objective reads, beyond the common ones
+OBJECTIVE_SECTIONS = {"mae": ("masks",), "umt": ("umt",), "classify": ("finetune",),
+                      "distill": ("finetune", "distill")}
+
 
 class SyntheticConfig(Strict):
     """Deterministic in-memory clips (no I/O): for tests and for benchmarking the engine alone.
 
-    A pool of `num_videos` clips, each a moving square over a drifting gradient drawn from `seed`;
-    batch i of rank r is a pure function of (seed, i, r), so resuming is exact.
+    A pool of `num_videos` clips, each a square moving in one of `num_classes` directions (its label)
+    over a drifting gradient drawn from `seed`; batch i of rank r is a pure function of (seed, i, r).
     """
 
     num_videos: int = Field(64, gt=0)
     seed: int = 0
+    num_classes: int = Field(4, ge=1, le=8, description="labels: direction of the moving square")
 
 
 class DataSection(Strict):
@@ -33,9 +43,8 @@ class DataSection(Strict):
 
     @model_validator(mode="after")
     def _check_shards(self) -> DataSection:
-        if self.kind == "shards":
-            if self.shards is None:
-                raise ValueError("data.kind=shards needs a data.shards section")
+        if self.kind == "shards" and self.shards is None:
+            raise ValueError("data.kind=shards needs a data.shards section")
         return self
 
 
@@ -46,7 +55,8 @@ class OptimConfig(Strict):
     grad_accum: int = Field(1, gt=0)
     base_lr: float = Field(1e-3, gt=0)
     min_lr: float = Field(1e-5, ge=0)
-    warmup_lr: float = Field(1e-6, ge=0)
+    warmup_lr: float = Field(0.0, ge=0, description="lr at the first warmup step; the authors' scheduler is "
+                             "called without a start value, so their ramp starts at 0")
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
@@ -55,6 +65,7 @@ class OptimConfig(Strict):
     warmup_epochs: float = Field(40, ge=0)
     steps_per_epoch: int | None = Field(None, gt=0, description="override; default: videos // global batch")
     max_steps: int | None = Field(None, gt=0, description="stop early (the schedule still spans all epochs)")
+    fused: bool | None = Field(None, description="fused AdamW kernel; default: on CUDA")
 
     @model_validator(mode="after")
     def _sane(self) -> OptimConfig:
@@ -87,13 +98,110 @@ class LoggingConfig(Strict):
     device_name: str | None = Field(None, description="peak-FLOPs table key; default: detected")
 
 
+class SpeedConfig(Strict):
+    """Speed options that change no result (measured by `make gpu-check`)."""
+
+    compile: bool = Field(False, description="torch.compile every transformer block")
+
+
 class DebugConfig(Strict):
     """Test hooks, never needed in real runs."""
 
     nan_batches: list[int] = Field(default_factory=list,
                                    description="1-based batch counts whose loss is replaced by NaN on rank 0")
-    step_sleep_s: float = Field(0.0, ge=0, description="sleep after every step (gives kill tests time)")
+    step_sleep_s: float = Field(0.0, ge=0, description="sleep inside every step, before the optimizer step "
+                                "(gives kill / pre-emption tests a long step to hit)")
     dump_gathered: str | None = Field(None, description="torch.save the gathered fp32 params here at the end")
+    decode_faults: dict[str, Literal["crash", "hang"]] = Field(
+        default_factory=dict, description="sample key -> crash | hang: the loader's decoder misbehaves on it")
+
+
+# ----------------------------------------------------------------- objective sections
+
+class HeadMapConfig(Strict):
+    """Initialise the head from a head over other classes (e.g. K710 -> K400) by matching class names."""
+
+    source_classes: str = Field(description="class names of the checkpoint's head (one per line, or labels.json)")
+    target_classes: str = Field(description="class names of this run's head, same formats")
+
+
+class EvalConfig(Strict):
+    """Multi-view evaluation (also run at the end of fine-tuning when `shards` is set)."""
+
+    shards: str | None = Field(None, description="held-out shards (folder or index.json with sample counts)")
+    num_clips: int = Field(5, ge=1, description="temporal views per video (Kinetics 5, SSv2 2)")
+    num_crops: int = Field(3, ge=1, description="spatial views per clip (3: left/centre/right)")
+    batch_size: int = Field(4, ge=1, description="videos per rank per forward (each with clips x crops views)")
+    num_workers: int = Field(2, ge=0)
+
+
+class EMAConfig(Strict):
+    enabled: bool = False
+    decay: float = Field(0.9999, gt=0, lt=1)
+
+
+class FinetuneConfig(Strict):
+    """Supervised post-pretraining / fine-tuning (facts section 6): a classifier on labelled clips."""
+
+    num_classes: int = Field(gt=0)
+    init: str | None = Field(None, description="weights to start from: our export, an official VideoMAE / V2 "
+                             "checkpoint, or a HuggingFace VideoMAE folder (position tables adapted)")
+    init_head_map: HeadMapConfig | None = None
+    layer_decay: float = Field(0.75, gt=0, le=1, description="lr x decay^(depth + 1 - layer): B 0.75, g 0.9")
+    head_drop_rate: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    mixup: float = Field(0.8, ge=0, description="mixup alpha (0 = off)")
+    cutmix: float = Field(1.0, ge=0, description="cutmix alpha (0 = off)")
+    mixup_switch_prob: float = Field(0.5, ge=0, le=1)
+    randaug: str | None = Field("rand-m7-n4-mstd0.5-inc1", description="timm RandAugment spec; null = off")
+    reprob: float = Field(0.25, ge=0, le=1, description="random erasing probability")
+    scale: tuple[float, float] = Field((0.08, 1.0), description="random resized crop area range")
+    flip: bool = True
+    no_flip_sources: list[str] = Field(default_factory=lambda: ["ssv2"],
+                                       description="sources whose labels depend on left/right: never flipped")
+    ema: EMAConfig = EMAConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _ranges(self) -> FinetuneConfig:
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {list(self.scale)}")
+        return self
+
+
+class TeacherConfig(Strict):
+    """A frozen classifier teacher (e.g. ViT-g after K710 post-pretraining)."""
+
+    model: str = Field(description="registry name or alias of the teacher's size (g, B, ...)")
+    weights: str = Field(description="its fine-tuned weights (our export, official or HF checkpoint)")
+    num_classes: int | None = Field(None, gt=0, description="default: the student's")
+    attention: Literal["auto", "flash_attn", "sdpa", "math"] = "auto"
+    num_frames: int | None = Field(None, gt=0)
+    img_size: int | None = Field(None, gt=0)
+    tubelet_size: int | None = Field(None, gt=0)
+
+
+class DistillConfig(Strict):
+    """Logit distillation: KL(teacher || student) at a temperature, plus an optional hard-label term."""
+
+    teacher: TeacherConfig
+    temperature: float = Field(1.0, gt=0)
+    hard_label_weight: float = Field(0.0, ge=0, le=1, description="loss = (1-w) KL T^2 + w CE(labels)")
+
+
+class UMTTeacherConfig(Strict):
+    name: Literal["clip_b16", "clip_l14", "clip_tiny_debug"] = "clip_b16"
+    path: str = Field(description="CLIP visual weights in OpenAI key layout (.pt/.pth/.safetensors, an open_clip "
+                      "checkpoint, or OpenAI's TorchScript archive)")
+
+
+class UMTConfig(Strict):
+    """Unmasked Teacher stage 1 (facts section 7)."""
+
+    teacher: UMTTeacherConfig
+    align_layers: int = Field(6, ge=1, description="K: the last K blocks of student and teacher are aligned")
+    mask: Literal["attention", "tube", "random"] = "attention"
+    mask_ratio: float = Field(0.8, gt=0, lt=1)
 
 
 class RunConfig(Strict):
@@ -102,15 +210,34 @@ class RunConfig(Strict):
     seed: int = 0
     precision: Literal["bf16", "fp32"] = "bf16"
     deepspeed_config: str = "ds_configs/zero2.json"
+    objective: Objective = "mae"
     model: ModelConfig = ModelConfig()
     masks: MaskConfig = MaskConfig()
+    umt: UMTConfig | None = None
+    finetune: FinetuneConfig | None = None
+    distill: DistillConfig | None = None
     activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing()
     data: DataSection = DataSection()
     optim: OptimConfig = OptimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    speed: SpeedConfig = SpeedConfig()
     max_consecutive_nonfinite: int = Field(5, gt=0, description="stop after this many non-finite losses in a row")
     debug: DebugConfig = DebugConfig()
+
+    @model_validator(mode="after")
+    def _objective_sections(self) -> RunConfig:
+        mine = OBJECTIVE_SECTIONS[self.objective]
+        for section, owner in (("masks", "mae"), ("umt", "umt"), ("finetune", "classify/distill"),
+                               ("distill", "distill")):
+            given = section in self.model_fields_set and getattr(self, section) is not None
+            if given and section not in mine:
+                raise ValueError(f"section '{section}' is read by objective {owner}, but this run's objective is "
+                                 f"{self.objective}")
+        for section in mine:
+            if section != "masks" and getattr(self, section) is None:
+                raise ValueError(f"objective {self.objective} needs a '{section}' section")
+        return self
 
     @property
     def run_dir(self) -> Path:

@@ -15,7 +15,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import KernelChoice
-from ..masking import decoder_kept
+from ..masking import TokenSelection, gather_tokens, select_tokens
 from .pos_embed import sinusoid_table
 
 CheckpointFn = Callable[..., torch.Tensor]
@@ -74,10 +74,29 @@ class PatchEmbed(nn.Module):
         return self.proj(video).flatten(2).transpose(1, 2)
 
 
-def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, num_ckpt: int, ckpt_fn: CheckpointFn) -> torch.Tensor:
+def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, num_ckpt: int, ckpt_fn: CheckpointFn,
+                keep_last: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run the blocks; also return the outputs of the last `keep_last` blocks (oldest first)."""
+    kept = []
     for i, blk in enumerate(blocks):
         x = ckpt_fn(blk, x) if i < num_ckpt else blk(x)
-    return x
+        if i >= len(blocks) - keep_last:
+            kept.append(x)
+    return x, kept
+
+
+def drop_path_schedule(rate: float, depth: int) -> list[float]:
+    """Linearly increasing drop-path rates 0 .. rate over `depth` blocks (the authors' linspace).
+
+    Plain Python, not torch.linspace: inside zero.Init torch constructors cast floats to bf16."""
+    return [rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+
+
+def _visible_index(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask (True = hidden) or an index tensor of visible tokens -> the index tensor."""
+    if mask.dtype == torch.bool:
+        return select_tokens(mask, None).visible
+    return mask
 
 
 class VideoEncoder(nn.Module):
@@ -92,43 +111,78 @@ class VideoEncoder(nn.Module):
         self.dim = dim
         self.patch_embed = PatchEmbed(patch_size, tubelet_size, in_chans, dim)
         self.register_buffer("pos_embed", sinusoid_table(self.num_tokens, dim), persistent=False)
-        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        dpr = drop_path_schedule(drop_path_rate, depth)
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, kernel, dpr[i]) for i in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6) if final_norm else nn.Identity()
         self.num_ckpt_blocks = 0
         self.ckpt_fn: CheckpointFn = _torch_checkpoint
 
     def forward(self, video: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """video (B, C, T, H, W) normalised float; mask (B, N) True = hidden. Returns visible tokens."""
+        """video (B, C, T, H, W) normalised float; mask: bool (B, N) True = hidden, or the (B, Nv) index of
+        visible tokens, or None for all tokens. Returns the final-normed visible tokens."""
+        return self.forward_features(video, mask)[0]
+
+    def forward_features(self, video: torch.Tensor, mask: torch.Tensor | None = None,
+                         keep_last: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(final-normed tokens, outputs of the last `keep_last` blocks before the final norm)."""
         x = self.patch_embed(video)
         x = x + self.pos_embed.to(dtype=x.dtype)
         if mask is not None:
-            x = x[~mask].reshape(x.shape[0], -1, x.shape[-1])
-        x = _run_blocks(self.blocks, x, self.num_ckpt_blocks, self.ckpt_fn)
-        return self.norm(x)
+            x = gather_tokens(x, _visible_index(mask))
+        x, inter = _run_blocks(self.blocks, x, self.num_ckpt_blocks, self.ckpt_fn, keep_last)
+        return self.norm(x), inter
 
 
 class VideoDecoder(nn.Module):
     """Blocks + norm + pixel head; returns predictions for the last `num_out` tokens."""
 
     def __init__(self, *, num_tokens: int, dim: int, depth: int, num_heads: int, mlp_ratio: float,
-                 out_dim: int, kernel: KernelChoice):
+                 out_dim: int, kernel: KernelChoice, drop_path_rate: float = 0.0):
         super().__init__()
         self.register_buffer("pos_embed", sinusoid_table(num_tokens, dim), persistent=False)
-        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, kernel) for _ in range(depth))
+        # the authors give the decoder the encoder's drop_path_rate, spread over its own depth
+        dpr = drop_path_schedule(drop_path_rate, depth)
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, kernel, dpr[i]) for i in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, out_dim)
         self.num_ckpt_blocks = 0
         self.ckpt_fn: CheckpointFn = _torch_checkpoint
 
     def forward(self, x: torch.Tensor, num_out: int) -> torch.Tensor:
-        x = _run_blocks(self.blocks, x, self.num_ckpt_blocks, self.ckpt_fn)
+        x, _ = _run_blocks(self.blocks, x, self.num_ckpt_blocks, self.ckpt_fn)
         return self.head(self.norm(x[:, -num_out:]))
 
 
 def _init_pretrain(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv3d):
+        module.reset_parameters()
+    elif isinstance(module, Attention):
+        nn.init.zeros_(module.q_bias)
+        nn.init.zeros_(module.v_bias)
+
+
+def _default_init(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        module.reset_parameters()
+
+
+def trunc_normal_std_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    """Normal(0, std) truncated at +-1 std, as the authors' `trunc_normal_` wrapper calls timm's (a=-std, b=std);
+    timm's own default truncates at +-2 absolute, which for std 0.02 is no truncation at all."""
+    return trunc_normal_(tensor, std=std, a=-std, b=std)
+
+
+def _init_finetune(module: nn.Module) -> None:
+    """The authors' fine-tuning init: Linear trunc-normal(.02), LayerNorm 1/0 (the Conv3d keeps its default)."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_std_(module.weight, 0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
@@ -159,14 +213,23 @@ class PretrainVideoMAE(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.decoder = VideoDecoder(num_tokens=self.encoder.num_tokens, dim=decoder_dim, depth=decoder_depth,
                                     num_heads=decoder_heads, mlp_ratio=mlp_ratio,
-                                    out_dim=in_chans * tubelet_size * patch_size**2, kernel=self.kernel)
+                                    out_dim=in_chans * tubelet_size * patch_size**2, kernel=self.kernel,
+                                    drop_path_rate=drop_path_rate)
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """(Re)initialise parameters and the position tables, e.g. after meta-device build + to_empty()."""
-        self.apply(_init_pretrain)
-        trunc_normal_(self.mask_token, std=0.02)
+        """(Re)initialise parameters and the position tables, e.g. after meta-device build + to_empty().
+
+        As the authors: encoder and decoder get xavier-uniform Linears; `encoder_to_decoder` is built after
+        their init and keeps PyTorch's default Linear init; the mask token is trunc-normal(.02) cut at +-1 std.
+        """
+        # through Module.apply only: under zero.Init, apply() gathers a built submodule's partitioned
+        # parameters around the call, a direct call would initialise an empty shard
+        self.encoder.apply(_init_pretrain)
+        self.decoder.apply(_init_pretrain)
+        self.encoder_to_decoder.apply(_default_init)
+        trunc_normal_std_(self.mask_token, 0.02)
         for part in (self.encoder, self.decoder):
             table = sinusoid_table(part.pos_embed.shape[1], part.pos_embed.shape[2], device=part.pos_embed.device)
             part.pos_embed.copy_(table)
@@ -189,18 +252,19 @@ class PretrainVideoMAE(nn.Module):
         if fn is not None:
             self.encoder.ckpt_fn = self.decoder.ckpt_fn = fn
 
-    def forward(self, video: torch.Tensor, encoder_mask: torch.Tensor,
+    def forward(self, video: torch.Tensor, encoder_mask: torch.Tensor | TokenSelection,
                 decoder_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Predictions (B, N_keep, C*t*p*p) for decoder-kept positions in ascending token order.
 
-        decoder_mask None = encoder-only masking: the decoder predicts the encoder-hidden positions.
+        Masks: bool (B, N) tensors (True = hidden / dropped; decoder_mask None = encoder-only masking: the
+        decoder predicts the encoder-hidden positions), or one `TokenSelection` (the index form the trainer
+        uses: no host sync, see vmae_ds.masking).
         """
-        x_vis = self.encoder_to_decoder(self.encoder(video, encoder_mask))
-        b, _, c = x_vis.shape
+        sel = encoder_mask if isinstance(encoder_mask, TokenSelection) else select_tokens(encoder_mask, decoder_mask)
+        x_vis = self.encoder_to_decoder(self.encoder(video, sel.visible))
+        b = x_vis.shape[0]
         pos = self.decoder.pos_embed.to(dtype=x_vis.dtype).expand(b, -1, -1)
-        kept = decoder_kept(encoder_mask, decoder_mask)
-        pos_vis = pos[~encoder_mask].reshape(b, -1, c)
-        pos_kept = pos[kept].reshape(b, -1, c)
+        pos_vis, pos_kept = gather_tokens(pos, sel.visible), gather_tokens(pos, sel.kept)
         x = torch.cat([x_vis + pos_vis, self.mask_token.to(x_vis.dtype) + pos_kept], dim=1)
         return self.decoder(x, pos_kept.shape[1])
 
@@ -221,10 +285,14 @@ class VideoClassifier(VideoEncoder):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        self.apply(_init_pretrain)
-        trunc_normal_(self.head.weight, std=0.02)
-        self.head.weight.mul_(self.init_scale)
-        self.head.bias.zero_()
+        """The authors' fine-tuning init; the head is then scaled down by `init_scale` (0.001)."""
+        self.apply(_init_finetune)
+        self.head.apply(self._scale_head)  # apply(): see PretrainVideoMAE.init_weights
+
+    def _scale_head(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            module.weight.mul_(self.init_scale)
+            module.bias.zero_()
         self.pos_embed.copy_(sinusoid_table(self.pos_embed.shape[1], self.pos_embed.shape[2],
                                             device=self.pos_embed.device))
 

@@ -1,0 +1,113 @@
+"""Process setup shared by every entry point: rank variables, threads, the process group, the run folder."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def world_from_env() -> tuple[int, int]:
+    """(rank, world size) as the launcher set them; valid before the process group exists."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_world_size() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+
+
+def single_process_env() -> bool:
+    """Started without a launcher (plain `vmae-pretrain ...`): set up a world of one process on this machine.
+
+    Without RANK / WORLD_SIZE / MASTER_ADDR, DeepSpeed falls back to MPI discovery and fails with an
+    mpi4py traceback. Returns True when it filled the variables in.
+    """
+    if any(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")):
+        return False
+    with socket.socket() as s:  # a free port for the one-process rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return True
+
+
+def rank_threads(cpu_count: int, local_ranks: int, loader_workers: int, on_cpu: bool) -> int:
+    """Intra-op threads for one rank.
+
+    CPU ranks compute on their share of the cores (every rank starting one thread per core made a 2-core
+    box 20x slower). A GPU rank's host work is launches and small ops: a few threads suffice, and the
+    cores belong to its decode workers (the default, one thread per core, competes with them).
+    """
+    share = max(1, cpu_count // max(1, local_ranks))
+    if on_cpu:
+        return share
+    return max(1, min(4, share - loader_workers))
+
+
+def set_rank_threads(on_cpu: bool, loader_workers: int) -> int:
+    """Apply `rank_threads` unless OMP_NUM_THREADS says otherwise; returns the count in effect."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(rank_threads(os.cpu_count() or 1, local_world_size(), loader_workers, on_cpu))
+    return torch.get_num_threads()
+
+
+def release_cpu_shm_names(rank: int) -> None:
+    """Unlink this rank's /dev/shm segment of DeepSpeed's CPU all-reduce once every rank has mapped it.
+
+    DeepSpeed never unlinks them: each CPU job would leave 2 x 69 MB in RAM-backed /dev/shm (even after a
+    clean exit), and a later job on the same port would open the stale files. The mappings stay valid.
+    """
+    dist.barrier()  # every rank has opened every segment (that happens inside init_distributed)
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+    name.unlink(missing_ok=True)
+
+
+def init_process_group(on_cpu: bool) -> Any:
+    """DeepSpeed's process group (gloo on CPU ranks) plus a gloo group for host-side agreement.
+
+    Agreeing on a flag (pre-emption) over gloo costs no device sync; over NCCL it would wait for the GPU.
+    """
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None, verbose=False)
+    if on_cpu:
+        release_cpu_shm_names(dist.get_rank())
+        return None  # the default group already is gloo
+    return dist.new_group(backend="gloo")
+
+
+def portable_config(cfg: Any) -> dict:
+    """The config as saved in the run folder: output_dir and local shard paths made absolute, so that
+    `--config runs/<name>/config.yaml --resume auto` finds the same run and data from any folder."""
+    d = cfg.model_dump(mode="json")
+    d["output_dir"] = str(Path(cfg.output_dir).resolve())
+
+    def absolute(path: Any) -> Any:
+        local = isinstance(path, str) and "://" not in path and not path.startswith("pipe:")
+        return str(Path.cwd() / path) if local and not Path(path).is_absolute() else path
+
+    shards = d["data"].get("shards") or {}
+    if "shards" in shards:
+        shards["shards"] = absolute(shards["shards"])
+    for section, keys in (("finetune", ("init",)), ("distill", ())):
+        for key in keys:
+            if d.get(section) and d[section].get(key):
+                d[section][key] = absolute(d[section][key])
+    if d.get("finetune"):
+        ev = d["finetune"]["eval"]
+        if ev.get("shards"):
+            ev["shards"] = absolute(ev["shards"])
+        hm = d["finetune"].get("init_head_map")
+        if hm:
+            hm.update({k: absolute(v) for k, v in hm.items()})
+    if d.get("distill"):
+        d["distill"]["teacher"]["weights"] = absolute(d["distill"]["teacher"]["weights"])
+    if d.get("umt"):
+        d["umt"]["teacher"]["path"] = absolute(d["umt"]["teacher"]["path"])
+    return d
