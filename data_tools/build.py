@@ -7,6 +7,10 @@ Design, so a rerun after a crash yields exactly the same samples:
   written to `_parts/<name>.json` the same way. A shard counts as finished only when its record exists,
   so a rerun redoes any shard that was cut off, and skips the finished ones;
 - `build.json` pins the settings: rerunning with different settings into the same folder is refused.
+
+Labels: with a label map (--label-map, or the `.labels.json` that `manifest --labels-from-dirs` writes next
+to the manifest) every sample json holds an integer `label` and its `label_name`, the map is written to
+`labels.json` and pinned in the settings. Every row's label is checked before anything is written.
 """
 
 from __future__ import annotations
@@ -20,17 +24,22 @@ import signal
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from data_tools.clipcheck import ClipResult, ClipSettings
-from data_tools.manifest import read_manifest
+from data_tools.manifest import ClipRow, ManifestError, labels_path_for, read_manifest
 from data_tools.workpool import run_ordered
+
+if TYPE_CHECKING:
+    from vmae_ds.data.labels import LabelMap
 
 PARTS = "_parts"
 INDEX = "index.json"
 ERRORS = "errors.jsonl"
 SETTINGS = "build.json"
+LABELS = "labels.json"
 # Test hook: after this many finished shards, SIGKILL ourselves half-way through the next one.
 CRASH_ENV = "VMAE_SHARDS_CRASH_AFTER_SHARDS"
 
@@ -108,8 +117,12 @@ class _ShardWriter:
 def build_shards(manifest: str | Path, out: str | Path, *, prefix: str = "shard", shard_size: int = 1000,
                  workers: int = 1, clip: ClipSettings | None = None, root: str | Path | None = None,
                  manifest_format: str = "auto", shuffle_seed: int | None = None,
-                 progress: bool = True) -> BuildSummary:
-    """Build (or finish building) the shards of `manifest` in `out`. See the module docstring."""
+                 label_map: str | Path | LabelMap | None = None, progress: bool = True) -> BuildSummary:
+    """Build (or finish building) the shards of `manifest` in `out`. See the module docstring.
+
+    `label_map`: a LabelMap, or a labels.json / class-name file; None: the manifest's `.labels.json`
+    sidecar when it exists and the rows have labels, else no map (labels stored as they are).
+    """
     manifest, out = Path(manifest), Path(out)
     clip = clip or ClipSettings()
     if shard_size < 1:
@@ -121,6 +134,7 @@ def build_shards(manifest: str | Path, out: str | Path, *, prefix: str = "shard"
     rows = read_manifest(manifest, manifest_format)
     if not rows:
         raise BuildError(f"{manifest}: the manifest has no rows, nothing to build")
+    labels, label_ids = resolve_labels(rows, manifest, label_map)
     base = Path(root) if root else manifest.resolve().parent
     order = list(range(len(rows)))
     if shuffle_seed is not None:
@@ -128,6 +142,8 @@ def build_shards(manifest: str | Path, out: str | Path, *, prefix: str = "shard"
     settings = {"manifest": str(manifest.resolve()), "manifest_sha256": _sha256(manifest),
                 "rows": len(rows), "prefix": prefix, "shard_size": shard_size, "root": str(base),
                 "shuffle_seed": shuffle_seed, **asdict(clip)}
+    if labels is not None:  # only then: settings of unlabelled builds stay as they were
+        settings["labels"] = f"{len(labels)} classes, sha256 {labels.fingerprint()[:16]}"
     out.mkdir(parents=True, exist_ok=True)
     (out / PARTS).mkdir(exist_ok=True)
     _check_settings(out / SETTINGS, settings)
@@ -164,6 +180,9 @@ def build_shards(manifest: str | Path, out: str | Path, *, prefix: str = "shard"
             for j in range(size):
                 r = next(task_iter)
                 if r.ok:
+                    if labels is not None:  # set here, not in the worker: the map never travels to workers
+                        r.meta["label"] = label_ids[r.row]
+                        r.meta["label_name"] = labels.name(label_ids[r.row])
                     writer = writer or _ShardWriter(out, name)
                     writer.write(r)
                     sources[r.meta["source"]] += 1
@@ -183,7 +202,51 @@ def build_shards(manifest: str | Path, out: str | Path, *, prefix: str = "shard"
     finally:
         bar.close()
         task_iter.close()  # stops the worker processes
-    return finalize(out, names, settings)
+    return finalize(out, names, settings, labels)
+
+
+def _load_label_map(label_map: str | Path | LabelMap) -> LabelMap:
+    from vmae_ds.data.labels import LabelMap  # here: the package pulls in torch, which `manifest` never needs
+
+    return label_map if isinstance(label_map, LabelMap) else LabelMap.from_file(label_map)
+
+
+def resolve_labels(rows: list[ClipRow], manifest: Path,
+                   label_map: str | Path | LabelMap | None) -> tuple[LabelMap | None, list[int]]:
+    """The build's label map and every row's class id, or ManifestError naming the first bad row."""
+    sidecar = labels_path_for(manifest)
+    if label_map is None and sidecar.is_file() and any(r.label is not None for r in rows):
+        label_map = sidecar
+    if label_map is None:
+        named = next((i for i, r in enumerate(rows) if isinstance(r.label, str)), None)
+        if named is not None:
+            raise ManifestError(f"{_where(rows, named, manifest)}: label {rows[named].label!r} is a class name, "
+                                f"but no label map was given (--label-map labels.json or a class-name file)")
+        return None, []
+    labels = _load_label_map(label_map)
+    ids = [_class_id(row, labels, _where(rows, i, manifest)) for i, row in enumerate(rows)]
+    if isinstance(label_map, (str, Path)):
+        print(f"labels: {len(labels)} classes from {label_map}")
+    return labels, ids
+
+
+def _where(rows: list[ClipRow], i: int, manifest: Path) -> str:
+    return rows[i].where or f"{manifest} row {i}"
+
+
+def _class_id(row: ClipRow, labels: LabelMap, where: str) -> int:
+    if row.label is None:
+        raise ManifestError(f"{where}: no label, but the build has a label map: every clip needs one")
+    if isinstance(row.label, int):
+        if not 0 <= row.label < len(labels):
+            raise ManifestError(f"{where}: label {row.label} is outside [0, {len(labels)}) of the label map "
+                                f"({len(labels)} classes)")
+        return row.label
+    i = labels.get(row.label)
+    if i is None:
+        raise ManifestError(f"{where}: unknown label {row.label!r}, not among the {len(labels)} classes of the "
+                            f"label map ({labels.describe_known(row.label)})")
+    return i
 
 
 def _check_settings(path: Path, settings: dict) -> None:
@@ -198,8 +261,8 @@ def _check_settings(path: Path, settings: dict) -> None:
         _atomic_write(path, json.dumps(settings, indent=1).encode())
 
 
-def finalize(out: Path, names: list[str], settings: dict) -> BuildSummary:
-    """Write index.json and errors.jsonl from the per-shard records; reconcile the counts."""
+def finalize(out: Path, names: list[str], settings: dict, labels: LabelMap | None = None) -> BuildSummary:
+    """Write index.json, errors.jsonl (and labels.json) from the per-shard records; reconcile the counts."""
     records = [json.loads((out / PARTS / f"{n}.json").read_text()) for n in names]
     errors = [e for r in records for e in r["errors"]]
     written = sum(r["samples"] for r in records)
@@ -216,6 +279,9 @@ def finalize(out: Path, names: list[str], settings: dict) -> BuildSummary:
              "total_samples": written, "total_bytes": sum(s["bytes"] for s in shards),
              "per_source": dict(sorted(per_source.items())), "manifest_rows": settings["rows"],
              "skipped": len(errors), "skipped_by_reason": dict(reasons), "settings": settings}
+    if labels is not None:
+        _atomic_write(out / LABELS, labels.dumps().encode())
+        index |= {"labels": LABELS, "num_classes": len(labels)}
     _atomic_write(out / INDEX, json.dumps(index, indent=1).encode())
     _atomic_write(out / ERRORS, "".join(json.dumps(e) + "\n" for e in errors).encode())
     return BuildSummary(settings["rows"], written, len(errors), len(shards), index["total_bytes"],

@@ -13,11 +13,22 @@ from data_tools.build import BuildError, build_shards
 from data_tools.clipcheck import ClipSettings
 from data_tools.hybrid import PAPER_WEIGHTS, compose, format_plan
 from data_tools.inspect_shards import format_report, inspect, plot_report
-from data_tools.manifest import FORMATS, VIDEO_EXTS, ManifestError, read_manifest, scan_folder, write_manifest
+from data_tools.manifest import (
+    FORMATS,
+    VIDEO_EXTS,
+    ManifestError,
+    labels_path_for,
+    read_manifest,
+    scan_folder,
+    write_manifest,
+)
 
 EPILOG = """examples:
   vmae-shards manifest videos/ --out videos.jsonl
   vmae-shards build --manifest videos.jsonl --out shards/ --workers 8 --reencode
+  vmae-shards manifest k400/train/ --out k400.jsonl --labels-from-dirs   # root/<class>/<clip>
+  vmae-shards build --manifest k400.jsonl --out shards/k400 --shuffle-seed 0   # picks up k400.labels.json
+  vmae-shards build --manifest train.txt --class-names names.txt --out shards/ft   # authors' `path label`
   vmae-shards verify shards/
   vmae-shards hybrid --source k710=k710.csv --source ssv2=ssv2_train.txt ... --out hybrid.jsonl
 """
@@ -37,6 +48,12 @@ def _cmd_manifest(a: argparse.Namespace) -> int:
         raise ValueError(f"{a.folder}: no {what} found")
     n = write_manifest(rows, a.out)
     print(f"{n} clips from {a.folder} -> {a.out}")
+    if a.labels_from_dirs:
+        from vmae_ds.data.labels import LabelMap  # here: the package pulls in torch
+
+        labels = LabelMap.from_dirs(Path(r.path).parent.name for r in rows)
+        path = labels.save(labels_path_for(a.out))
+        print(f"{len(labels)} class names (sorted folder names) -> {path} (build uses it)")
     return 0
 
 
@@ -69,7 +86,7 @@ def _cmd_build(a: argparse.Namespace) -> int:
                         min_frames=a.min_frames, full_check=a.full_check)
     summary = build_shards(a.manifest, a.out, prefix=a.prefix, shard_size=a.shard_size, workers=a.workers,
                            clip=clip, root=a.root, manifest_format=a.format, shuffle_seed=a.shuffle_seed,
-                           progress=not a.quiet)
+                           label_map=a.label_map, progress=not a.quiet)
     print(summary.text())
     return 0
 
@@ -108,7 +125,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="manifest to write (.jsonl)")
     m.add_argument("--source", help="source name for every row (default: the folder's name)")
     m.add_argument("--labels-from-dirs", action="store_true",
-                   help="label = index of the clip's parent folder name, sorted (root/<class>/<clip>)")
+                   help="label = index of the clip's parent folder name, sorted (root/<class>/<clip>); the "
+                   "class names go to OUT with the suffix .labels.json (m.jsonl -> m.labels.json), which "
+                   "build stores with the shards")
     m.add_argument("--all-files", action="store_true",
                    help="list every file, not only video extensions (the build then reports non-videos)")
 
@@ -149,6 +168,12 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--shuffle-seed", type=int,
                    help="shuffle rows with this seed before sharding: use it for folder manifests (sorted by "
                    "path, so classes would cluster in shards); hybrid manifests are already mixed")
+    b.add_argument("--label-map", "--class-names", metavar="FILE",
+                   help="class names: a labels.json, or a text file with one name per line (id = line order) "
+                   "or 'id,name' / 'name,id' lines (Kinetics' csv). Class-name labels in the manifest become "
+                   "ids, integer labels are checked against it; the shards get labels.json and every sample "
+                   "a label_name. Default: the manifest's .labels.json from `manifest --labels-from-dirs`, "
+                   "if there")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
 
     for name, text in (("verify", "check shards: tar integrity, keys, decoding, counts (exit 1 on damage)"),

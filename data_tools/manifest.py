@@ -47,9 +47,11 @@ class ClipRow:
     fps: float | None = None
     num_frames: int | None = None
     extra: dict = field(default_factory=dict)
+    # "file:line" it was read from, so a label error can name it; not compared, not written out.
+    where: str = field(default="", compare=False, repr=False)
 
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v not in (None, {})}
+        return {k: v for k, v in asdict(self).items() if v not in (None, {}) and k != "where"}
 
 
 def _convert(name: str, value, where: str):
@@ -85,7 +87,7 @@ def row_from_mapping(d: dict, where: str, default_source: str = "unknown") -> Cl
     kwargs.setdefault("source", None)
     if kwargs["source"] is None:
         kwargs["source"] = default_source
-    return ClipRow(extra=extra, **kwargs)
+    return ClipRow(extra=extra, where=where, **kwargs)
 
 
 def _parse_list_line(line: str, where: str, default_source: str) -> ClipRow:
@@ -99,11 +101,16 @@ def _parse_list_line(line: str, where: str, default_source: str) -> ClipRow:
         path, start, total = line.rsplit(maxsplit=2)
         n = int(total)
         return ClipRow(path=path, source=default_source, start_frame=int(start),
-                       num_frames=n if n > 0 else None)
+                       num_frames=n if n > 0 else None, where=where)
     if len(parts) >= 2 and is_int(parts[-1]):
         path, label = line.rsplit(maxsplit=1)
-        return ClipRow(path=path, source=default_source, label=int(label))
-    return ClipRow(path=line.strip(), source=default_source)
+        return ClipRow(path=path, source=default_source, label=int(label), where=where)
+    return ClipRow(path=line.strip(), source=default_source, where=where)
+
+
+def labels_path_for(manifest: str | Path) -> Path:
+    """Where `manifest --labels-from-dirs` writes the class names of `manifest` (m.jsonl -> m.labels.json)."""
+    return Path(manifest).with_suffix(".labels.json")
 
 
 def detect_format(path: Path) -> str:
@@ -163,8 +170,9 @@ def scan_folder(root: str | Path, *, source: str | None = None, labels_from_dirs
     """One row per video file under `root` (sorted, recursive). Paths are absolute.
 
     `labels_from_dirs`: label = index of the immediate parent folder name in sorted order
-    (the usual `root/<class>/<clip>` layout). `all_files`: list every file, not only video
-    extensions, so the builder can report the non-videos instead of never seeing them.
+    (the usual `root/<class>/<clip>` layout; `LabelMap.from_dirs` gives the same class order).
+    `all_files`: list every file, not only video extensions, so the builder can report the non-videos
+    instead of never seeing them.
     """
     root = Path(root).resolve()
     if not root.is_dir():

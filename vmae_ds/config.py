@@ -29,6 +29,7 @@ class Strict(BaseModel):
 class ModelConfig(Strict):
     name: ModelName = "vit_base_patch16"
     attention: AttentionKernel = "auto"
+    depth: int | None = Field(None, gt=0, description="encoder blocks (tests: real widths at tiny depth)")
     num_frames: int | None = Field(None, gt=0)
     img_size: int | None = Field(None, gt=0)
     tubelet_size: int | None = Field(None, gt=0)

@@ -1,0 +1,1 @@
+"""Evaluation: scoring test-time predictions and writing reports."""
