@@ -1,9 +1,12 @@
-"""`vmae-export RUN_DIR OUT.safetensors`: consolidate a sharded DeepSpeed checkpoint into one fp32 file.
+"""`vmae-export RUN_DIR OUT`: consolidate a sharded DeepSpeed checkpoint into one fp32 file, or an HF folder.
 
-The file holds the pretraining model's state dict (official key names: encoder.blocks.0.attn.qkv.weight,
-decoder.head.weight, mask_token, ...) in float32, loadable with `vmae_ds.models.load_pretrained` into a
-PretrainVideoMAE or, keeping only the encoder, a VideoClassifier for fine-tuning. Runs on CPU, no
-process group needed: it reads the fp32 master weights from the ZeRO optimizer shards.
+The safetensors file holds the trained model's state dict with the official key names (pretraining:
+encoder.blocks.0.attn.qkv.weight, decoder.head.weight, mask_token, ...; classifier: blocks.*, fc_norm, head;
+UMT: the student encoder plus its alignment heads) in float32, loadable with `vmae_ds.models.load_pretrained`
+into a PretrainVideoMAE or, keeping the encoder, a VideoClassifier for fine-tuning (`finetune.init`).
+`--format hf` writes a transformers VideoMAE folder (config.json + model.safetensors) instead:
+VideoMAEForPreTraining for MAE runs, VideoMAEForVideoClassification for fine-tuning runs.
+Runs on CPU, no process group needed: it reads the fp32 master weights from the ZeRO optimizer shards.
 """
 
 from __future__ import annotations
@@ -42,30 +45,65 @@ class ExportError(ValueError):
     """The output cannot be written; the message names the path."""
 
 
-def export(run_or_ckpt: str | Path, out: str | Path) -> Path:
+def export(run_or_ckpt: str | Path, out: str | Path, fmt: str = "safetensors") -> Path:
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.is_dir():  # checked before the (long) consolidation
+    if fmt == "safetensors" and out.is_dir():  # checked before the (long) consolidation
         raise ExportError(f"{out} is a folder: give the output file, e.g. {out / 'model.safetensors'}")
+    if fmt == "hf" and out.is_file():
+        raise ExportError(f"{out} is a file: --format hf writes a folder (config.json + model.safetensors)")
     folder = find_checkpoint(run_or_ckpt)
+    cfg = _config_of(folder)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        (out if fmt == "hf" else out.parent).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ExportError(f"cannot create the folder of {out}: {e.strerror or e}") from None
     sd = consolidate(folder)
-    meta = {"format": "vmae_ds.pretrain", "checkpoint": str(folder)}
-    cfg = folder / "config.yaml"
-    if cfg.exists():
-        import yaml
-        meta["config"] = json.dumps(yaml.safe_load(cfg.read_text()))
+    n = sum(v.numel() for v in sd.values())
+    if fmt == "hf":
+        written = _save_hf(sd, cfg, out)
+        print(f"exported {folder} -> {written} (transformers VideoMAE folder): {len(sd)} tensors, "
+              f"{n / 1e6:.2f} M parameters, fp32")
+        return written
+    meta = {"format": "vmae_ds." + (cfg.objective if cfg is not None else "pretrain"), "checkpoint": str(folder)}
+    if cfg is not None:
+        meta["config"] = json.dumps(cfg.model_dump(mode="json"))
     try:
         save_file(sd, str(out), metadata=meta)
     except Exception as e:  # safetensors' I/O errors are its own type, not OSError
         raise ExportError(f"cannot write {out}: {str(e).strip().splitlines()[0]}") from None
-    n = sum(v.numel() for v in sd.values())
     print(f"exported {folder} -> {out}: {len(sd)} tensors, {n / 1e6:.2f} M parameters, fp32")
     return out
+
+
+def _config_of(folder: Path):
+    """The run config saved with a checkpoint (None for checkpoints written before configs were saved)."""
+    path = folder / "config.yaml"
+    if not path.is_file():
+        return None
+    from .engine.run_config import load_run_config
+
+    return load_run_config(path)
+
+
+def _save_hf(sd: dict[str, torch.Tensor], cfg, out: Path) -> Path:
+    from .models import save_hf
+    from .objectives.classify import class_names_of
+
+    if cfg is None:
+        raise ExportError("--format hf needs the run config saved with the checkpoint (config.yaml)")
+    spec = cfg.model.spec()
+    if cfg.objective == "mae":
+        return save_hf(sd, spec, "pretrain", out)
+    if cfg.objective in ("classify", "distill"):
+        shards = (cfg.data.shards or {}).get("shards") if cfg.data.kind == "shards" else None
+        names = class_names_of(shards) or class_names_of(cfg.finetune.eval.shards)
+        if names is not None and len(names) != cfg.finetune.num_classes:
+            names = None
+        return save_hf(sd, spec, "classifier", out, num_classes=cfg.finetune.num_classes, class_names=names)
+    raise ExportError(f"--format hf: transformers has no {cfg.objective} model; export the safetensors file and "
+                      f"fine-tune it (finetune.init), then export the classifier")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,11 +111,17 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="run folder (runs/<name>: uses its newest complete checkpoint) "
                                    "or one checkpoint folder (runs/<name>/checkpoints/step_00001000)")
-    p.add_argument("out", help="output .safetensors path")
+    p.add_argument("out", help="output .safetensors path, or a folder with --format hf")
+    p.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
+                   help="safetensors: one fp32 file, official key names (default); hf: a transformers VideoMAE "
+                        "folder for VideoMAEForPreTraining / VideoMAEForVideoClassification.from_pretrained")
     args = p.parse_args(argv)
+    from .config import ConfigError
+    from .models import HFExportError
+
     try:
-        export(args.run_dir, args.out)
-    except (FileNotFoundError, ExportError) as e:
+        export(args.run_dir, args.out, args.format)
+    except (FileNotFoundError, ExportError, HFExportError, ConfigError) as e:
         print(f"vmae-export: error: {e}", file=sys.stderr)
         return 2
     return 0

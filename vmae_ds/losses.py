@@ -57,3 +57,12 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, encoder_mask: 
     weight = sel.loss_weight
     per_token = (pred.float() - labels).pow(2).mean(dim=-1)
     return (per_token * weight).sum() / weight.sum()
+
+
+def alignment_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """UMT: mean over aligned layers and tokens of 2 - 2 cos(student, teacher), both L2-normalised already
+    (so the cosine is their dot product). Computed in float32."""
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"{len(student)} student and {len(teacher)} teacher layers: one each per aligned layer")
+    per_layer = [(2 - 2 * (s.float() * t.float()).sum(dim=-1)).mean() for s, t in zip(student, teacher)]
+    return torch.stack(per_layer).mean()

@@ -190,3 +190,20 @@ def select_tokens(encoder_mask: torch.Tensor, decoder_mask: torch.Tensor | None)
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, N, C) -> (B, len(index[b]), C): rows `index` of every sample."""
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def attention_visible(attention: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
+                      ) -> torch.Tensor:
+    """UMT's semantic mask: per frame, a multinomial draw without replacement weighted by the teacher's
+    class-token attention; the first N - int(ratio * N) drawn stay visible.
+
+    attention (B, T, N) non-negative weights per frame -> (B, T * Nv) visible token ids (t-major, ascending).
+    """
+    _check_ratio("attention", mask_ratio)
+    b, t, n = attention.shape
+    keep = n - int(mask_ratio * n)
+    # a row of zeros (or a tiny share) cannot feed multinomial: a floor keeps every patch drawable
+    weights = attention.float().clamp_min(0).reshape(b * t, n) + 1e-12
+    drawn = torch.multinomial(weights, keep, replacement=False, generator=generator)
+    frame = torch.arange(t, device=attention.device).repeat(b).unsqueeze(1) * n
+    return (drawn.sort(dim=1).values + frame).reshape(b, t * keep)

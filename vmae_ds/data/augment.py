@@ -170,6 +170,14 @@ class VideoRandomErasing:
         return self._erase(flat).view(b, c, t, h, w)
 
 
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Labels in [0, num_classes), or one line saying which are not (-1: a clip without a label)."""
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise AugmentError(f"labels must be in [0, {num_classes}), got min {lo} max {hi} "
+                           "(-1 is a clip whose json has no label)")
+
+
 class VideoMixup:
     """timm Mixup / CutMix for (B, C, T, H, W) videos -> (mixed video, soft targets (B, num_classes)).
 
@@ -203,10 +211,8 @@ class VideoMixup:
         if labels.shape != (b,) or labels.is_floating_point():
             raise AugmentError(f"mixup: labels must be integer (B,) = ({b},), got {labels.dtype} "
                                f"{tuple(labels.shape)}")
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= self.num_classes:
-            raise AugmentError(f"mixup: labels must be in [0, {self.num_classes}), got min {lo} max {hi} "
-                               "(-1 is a clip whose json has no label)")
+        if not labels.is_cuda:  # on a GPU the caller checks them on the host (reading them back would sync)
+            check_labels(labels, self.num_classes)
         if self._mixup is None:
             return video, mixup_target(labels, self.num_classes, 1.0, self.label_smoothing)
         if b % 2:

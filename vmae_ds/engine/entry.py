@@ -33,8 +33,9 @@ def run_job(job: str, prog: str, description: str, epilog: str, argv: list[str] 
     from .trainer import RunStopped, prepare, train
 
     overrides = list(args.overrides)
-    if default_objective and not any(o.split("=", 1)[0].strip() == "objective" for o in overrides):
-        overrides = [f"objective={default_objective}", *overrides] if args.config is None else overrides
+    if default_objective and not any(o.split("=", 1)[0].strip() == "objective" for o in overrides) \
+            and not _file_sets_objective(args.config):
+        overrides = [f"objective={default_objective}", *overrides]
     try:
         cfg = load_run_config(args.config, overrides)
         cls = REGISTRY.get(cfg.objective)
@@ -55,6 +56,18 @@ def run_job(job: str, prog: str, description: str, epilog: str, argv: list[str] 
     except RunStopped as e:
         print(f"{prog}: {e}", file=sys.stderr, flush=True)
         return e.code
+
+
+def _file_sets_objective(path: str | None) -> bool:
+    if path is None:
+        return False
+    import yaml
+
+    try:
+        data = yaml.safe_load(open(path))
+    except (OSError, yaml.YAMLError):
+        return True  # let the config loader report the file's problem
+    return isinstance(data, dict) and "objective" in data
 
 
 def leave(code: int) -> None:

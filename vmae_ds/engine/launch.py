@@ -85,7 +85,12 @@ def init_process_group(on_cpu: bool) -> Any:
 def portable_config(cfg: Any) -> dict:
     """The config as saved in the run folder: output_dir and local shard paths made absolute, so that
     `--config runs/<name>/config.yaml --resume auto` finds the same run and data from any folder."""
+    from .run_config import OBJECTIVE_SECTIONS
+
     d = cfg.model_dump(mode="json")
+    for section in ("masks", "umt", "finetune", "distill"):  # another objective's section would not validate
+        if section not in OBJECTIVE_SECTIONS[cfg.objective]:
+            d.pop(section, None)
     d["output_dir"] = str(Path(cfg.output_dir).resolve())
 
     def absolute(path: Any) -> Any:

@@ -111,6 +111,7 @@ class DebugConfig(Strict):
                                    description="1-based batch counts whose loss is replaced by NaN on rank 0")
     step_sleep_s: float = Field(0.0, ge=0, description="sleep inside every step, before the optimizer step "
                                 "(gives kill / pre-emption tests a long step to hit)")
+    sleep_steps: list[int] = Field(default_factory=list, description="1-based steps that sleep (default: all)")
     dump_gathered: str | None = Field(None, description="torch.save the gathered fp32 params here at the end")
     decode_faults: dict[str, Literal["crash", "hang"]] = Field(
         default_factory=dict, description="sample key -> crash | hang: the loader's decoder misbehaves on it")
@@ -147,6 +148,7 @@ class FinetuneConfig(Strict):
     init: str | None = Field(None, description="weights to start from: our export, an official VideoMAE / V2 "
                              "checkpoint, or a HuggingFace VideoMAE folder (position tables adapted)")
     init_head_map: HeadMapConfig | None = None
+    init_fresh_head: bool = Field(False, description="ignore the checkpoint's classification head (new labels)")
     layer_decay: float = Field(0.75, gt=0, le=1, description="lr x decay^(depth + 1 - layer): B 0.75, g 0.9")
     head_drop_rate: float = Field(0.0, ge=0, lt=1)
     label_smoothing: float = Field(0.1, ge=0, lt=1)

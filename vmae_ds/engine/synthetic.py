@@ -13,9 +13,15 @@ import torch
 
 from ..masking import TokenGrid, make_masks
 
+# unit steps of the moving square per label: right, left, down, up, then the diagonals
+DIRECTIONS = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 1))
 
-def synthetic_clip(seed: int, frames: int, size: int) -> torch.Tensor:
-    """One uint8 clip (3, T, H, W), a pure function of `seed`."""
+
+def synthetic_clip(seed: int, frames: int, size: int, direction: int | None = None) -> torch.Tensor:
+    """One uint8 clip (3, T, H, W), a pure function of `seed`.
+
+    `direction` (an index into DIRECTIONS) fixes where the square moves; its colour, start, speed and the
+    background stay random, so only the motion tells the labelled clips apart."""
     g = torch.Generator().manual_seed(seed)
     p = torch.rand(10, generator=g)
     t = torch.arange(frames, dtype=torch.float32).view(frames, 1, 1)
@@ -28,11 +34,20 @@ def synthetic_clip(seed: int, frames: int, size: int) -> torch.Tensor:
                        torch.sin((xx + yy) * f[2] + 0.5 * phase)])
     img = 127.5 + 100.0 * img
     s = max(2, size // 4)
-    vx, vy = (p[4:6] - 0.5) * 6
     colour = p[6:9] * 255
+    if direction is None:
+        vx, vy = (p[4:6] - 0.5) * 6
+        x_start = y_start = size / 4
+    else:  # a straight run that stays inside the frame: no wrap-around to confuse the direction
+        dx, dy = DIRECTIONS[direction]
+        speed = (size - s) / max(frames - 1, 1) * (0.5 + 0.4 * float(p[4]))
+        vx, vy = dx * speed, dy * speed
+        room_x, room_y = size - s - abs(vx) * (frames - 1), size - s - abs(vy) * (frames - 1)
+        x_start = (0 if vx >= 0 else size - s) + (1 if vx >= 0 else -1) * float(p[5]) * room_x
+        y_start = (0 if vy >= 0 else size - s) + (1 if vy >= 0 else -1) * float(p[9]) * room_y
     for i in range(frames):
-        x0 = int((size / 4 + vx * i) % (size - s))
-        y0 = int((size / 4 + vy * i) % (size - s))
+        x0 = int((x_start + vx * i) % (size - s + 1))
+        y0 = int((y_start + vy * i) % (size - s + 1))
         img[:, i, y0:y0 + s, x0:x0 + s] = colour.view(3, 1, 1)
     return img.clamp(0, 255).to(torch.uint8)
 
@@ -44,17 +59,19 @@ class SyntheticLoader:
     `num_sample` times with fresh masks: the pool is walked like an epoch of a real dataset.
     """
 
-    def __init__(self, *, num_videos: int, seed: int, frames: int, size: int, grid: TokenGrid,
-                 batch_videos: int, num_sample: int, rank: int, world_size: int, masks: dict):
+    def __init__(self, *, num_videos: int, seed: int, frames: int, size: int, grid: TokenGrid | None,
+                 batch_videos: int, num_sample: int, rank: int, world_size: int, masks: dict | None,
+                 num_classes: int | None = None):
         self.num_videos, self.seed, self.frames, self.size, self.grid = num_videos, seed, frames, size, grid
         self.batch_videos, self.num_sample, self.rank, self.world = batch_videos, num_sample, rank, world_size
-        self.masks = masks
+        self.masks, self.num_classes = masks, num_classes
         self.index = 0
         self._cache: dict[int, torch.Tensor] = {}
 
     def _video(self, vid: int) -> torch.Tensor:
         if vid not in self._cache:  # the pool is small; generating costs more than keeping
-            self._cache[vid] = synthetic_clip(self.seed * 1_000_003 + vid, self.frames, self.size)
+            direction = None if self.num_classes is None else vid % self.num_classes
+            self._cache[vid] = synthetic_clip(self.seed * 1_000_003 + vid, self.frames, self.size, direction)
         return self._cache[vid]
 
     def __iter__(self) -> Iterator[dict]:
@@ -64,14 +81,18 @@ class SyntheticLoader:
         first = (self.index * self.world + self.rank) * self.batch_videos
         vids = [(first + j) % self.num_videos for j in range(self.batch_videos)]
         video = torch.stack([self._video(v) for v in vids]).repeat_interleave(self.num_sample, dim=0)
-        gen = torch.Generator().manual_seed(hash((self.seed, self.index, self.rank)) % 2**62)
-        m = self.masks
-        enc, dec = make_masks(m["encoder"], m["encoder_ratio"], m["decoder"], m["decoder_ratio"],
-                              video.shape[0], self.grid, generator=gen)
+        batch = {"video": video, "keys": [f"synthetic/{v}" for v in vids for _ in range(self.num_sample)]}
+        if self.num_classes is not None:
+            batch["label"] = torch.tensor([v % self.num_classes for v in vids]).repeat_interleave(self.num_sample)
+        if self.masks is not None:
+            gen = torch.Generator().manual_seed(hash((self.seed, self.index, self.rank)) % 2**62)
+            m = self.masks
+            enc, dec = make_masks(m["encoder"], m["encoder_ratio"], m["decoder"], m["decoder_ratio"],
+                                  video.shape[0], self.grid, generator=gen)
+            batch["encoder_mask"] = enc
+            if dec is not None:
+                batch["decoder_mask"] = dec
         self.index += 1
-        batch = {"video": video, "encoder_mask": enc}
-        if dec is not None:
-            batch["decoder_mask"] = dec
         return batch
 
     def __len__(self) -> int:

@@ -247,7 +247,8 @@ class _Loop:
                     engine.backward(loss)
                     if not preempt.requested:  # after SIGTERM no batch is drawn: the step boundary saves
                         prefetch.preload()  # the next batch's copy overlaps this backward
-                    if cfg.debug.step_sleep_s and micro == cfg.optim.grad_accum - 1:
+                    if cfg.debug.step_sleep_s and micro == cfg.optim.grad_accum - 1 and (
+                            not cfg.debug.sleep_steps or step + 1 in cfg.debug.sleep_steps):
                         time.sleep(cfg.debug.step_sleep_s)
                     engine.step()
                     losses.append(loss.detach())

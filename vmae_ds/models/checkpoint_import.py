@@ -40,11 +40,11 @@ from safetensors.torch import load_file
 from .pos_embed import sinusoid_table
 from .vit import PretrainVideoMAE, VideoEncoder
 
-__all__ = ["CheckpointError", "LoadReport", "load_pretrained", "read_state_dict"]
+__all__ = ["CheckpointError", "LoadReport", "load_pretrained", "read_canonical", "read_state_dict"]
 
 _WRAPPERS = ("model", "module", "state_dict")
 # Parts a target may lack; checkpoint keys under them are dropped when the target has no such part.
-_OPTIONAL_PARTS = {"decoder", "mask_token", "encoder_to_decoder", "fc_norm", "head", "norm"}
+_OPTIONAL_PARTS = {"decoder", "mask_token", "encoder_to_decoder", "fc_norm", "head", "norm", "align_heads"}
 _HF_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _HF_LAYER = (  # per transformer layer: (HF name prefix, ours); q/k/v weights are fused separately
     ("layernorm_before.", "norm1."),
@@ -227,6 +227,12 @@ def _canonical(sd: dict[str, torch.Tensor], adapted: list[str]) -> tuple[dict[st
             out[base + "q_bias"] = out[base + "v_bias"] = torch.zeros(dim, dtype=out[k].dtype)
             adapted.append(f"{base}q_bias/v_bias = 0 (checkpoint has none)")
     return out, kind
+
+
+def read_canonical(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """A checkpoint's tensors in the canonical (official pretraining) layout, and the format it came in."""
+    raw, _ = read_state_dict(path)
+    return _canonical(raw, [])
 
 
 # ---------------------------------------------------------------- fitting to the target

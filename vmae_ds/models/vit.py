@@ -107,6 +107,7 @@ class VideoEncoder(nn.Module):
                  drop_path_rate: float = 0.0, final_norm: bool = True):
         super().__init__()
         self.grid = (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size)
+        self.num_frames, self.img_size = num_frames, img_size  # the input it takes
         self.num_tokens = self.grid[0] * self.grid[1] * self.grid[2]
         self.dim = dim
         self.patch_embed = PatchEmbed(patch_size, tubelet_size, in_chans, dim)
@@ -288,6 +289,12 @@ class VideoClassifier(VideoEncoder):
         """The authors' fine-tuning init; the head is then scaled down by `init_scale` (0.001)."""
         self.apply(_init_finetune)
         self.head.apply(self._scale_head)  # apply(): see PretrainVideoMAE.init_weights
+
+    @torch.no_grad()
+    def reset_head(self) -> None:
+        """A fresh head (as at construction), e.g. after loading a checkpoint trained on other labels."""
+        self.head.apply(_init_finetune)
+        self.head.apply(self._scale_head)
 
     def _scale_head(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):

@@ -1,0 +1,185 @@
+"""`vmae-eval`: multi-view evaluation of a video classifier on held-out shards.
+
+Each video is cut into clips x crops views (Kinetics 5 x 3, SSv2 2 x 3), the softmax scores are averaged over
+its views, and every video is counted exactly once over all ranks. Writes eval.json, eval.md, predictions.jsonl
+and, up to 50 classes, confusion.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  # a fine-tuning run (model, classes and views from its config; weights from its newest checkpoint):
+  vmae-eval runs/vitb_k400 --shards shards/k400_val
+  # exported or official weights: say the model (classes come from the checkpoint's head):
+  vmae-eval weights/vitb_k400.safetensors --model B --shards shards/k400_val --clips 5 --crops 3
+  # several GPUs: each scores a share of the videos
+  deepspeed --num_gpus 8 --module vmae_ds.evaluate runs/vitb_k400 --shards shards/k400_val
+  # how often does a distilled student agree with its teacher?
+  vmae-eval runs/student --shards shards/val --agree-with runs/teacher/eval/predictions.jsonl
+"""
+
+
+class EvalSetupError(ValueError):
+    """Weights, model or shards that cannot be evaluated; one line naming them."""
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="vmae-eval", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("weights", help="a fine-tuning run folder (runs/<name>, or one of its step_* folders), a file "
+                                   "exported by vmae-export, an official VideoMAE checkpoint or an HF folder")
+    p.add_argument("--shards", help="held-out shards: folder or index.json with sample counts (default: the run's "
+                                    "finetune.eval.shards)")
+    p.add_argument("--model", help="model name or alias (S, B, L, H, g, ...); default: the run's")
+    p.add_argument("--num-classes", type=int, help="default: the run's, or the checkpoint head's rows")
+    p.add_argument("--clips", type=int, help="temporal views per video (default: the run's, else 5)")
+    p.add_argument("--crops", type=int, help="spatial views per clip (default: the run's, else 3)")
+    p.add_argument("--batch", type=int, default=None, help="videos per forward per rank (default 4)")
+    p.add_argument("--chunk", type=int, default=0, help="most clips per forward (0: the whole batch of views)")
+    p.add_argument("--workers", type=int, default=2, help="decoding processes per rank (default 2)")
+    p.add_argument("--frames", type=int, help="frames per clip (default: the model's)")
+    p.add_argument("--img-size", type=int, help="crop size (default: the model's)")
+    p.add_argument("--tubelet", type=int, help="tubelet size (default: the model's)")
+    p.add_argument("--sampling-rate", type=int, help="frame stride (default: the run's, else 4)")
+    p.add_argument("--attention", default="auto", choices=("auto", "flash_attn", "sdpa", "math"))
+    p.add_argument("--dtype", default=None, choices=("bf16", "fp32"), help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--out", help="report folder (default: <run>/eval, or eval/<weights name>)")
+    p.add_argument("--agree-with", metavar="PREDICTIONS.jsonl",
+                   help="also report the share of videos whose top-1 equals that of another evaluation")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _run_config(path: Path):
+    """The run config of a run folder or a checkpoint folder, or None for a weights file."""
+    import yaml
+
+    from .engine.run_config import RunConfig
+
+    for cand in (path / "config.yaml", path.parent.parent / "config.yaml" if path.name.startswith("step_") else None):
+        if cand is not None and cand.is_file():
+            return RunConfig.model_validate(yaml.safe_load(cand.read_text()))
+    return None
+
+
+def build_model(args: argparse.Namespace):
+    """(classifier with weights, settings dict): from a run folder or from a weights file + flags."""
+    import torch
+
+    from .models import create_classifier, load_pretrained
+    from .models.checkpoint_import import read_canonical
+
+    path = Path(args.weights)
+    if not path.exists():
+        raise EvalSetupError(f"{path}: no such run folder or weights file")
+    cfg = _run_config(path) if path.is_dir() else None
+    sizes = {k: v for k, v in (("num_frames", args.frames), ("img_size", args.img_size),
+                               ("tubelet_size", args.tubelet)) if v is not None}
+    if cfg is not None:
+        if cfg.finetune is None:
+            raise EvalSetupError(f"{path}: a {cfg.objective} run; vmae-eval scores classifiers (classify/distill)")
+        from .export import consolidate, find_checkpoint
+
+        state = consolidate(find_checkpoint(path))
+        model_name = args.model or cfg.model.name
+        num_classes = args.num_classes or cfg.finetune.num_classes
+        over = {k: v for k, v in cfg.model.overrides().items()
+                if k not in ("decoder_depth", "decoder_dim", "decoder_heads", "drop_path_rate", "attention")}
+        model = create_classifier(model_name, num_classes, attention=args.attention, **{**over, **sizes})
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise EvalSetupError(f"{path}: checkpoint does not fit {model_name}: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
+        ev = cfg.finetune.eval
+        settings = {"shards": args.shards or ev.shards, "clips": args.clips or ev.num_clips,
+                    "crops": args.crops or ev.num_crops, "batch": args.batch or ev.batch_size,
+                    "data": cfg.shards_config().model_dump() if cfg.data.kind == "shards" else {},
+                    "out": args.out or str((path if (path / "config.yaml").is_file() else path.parent.parent)
+                                           / "eval")}
+    else:
+        if not args.model:
+            raise EvalSetupError(f"{path}: a weights file: give --model (S, B, L, H, g, or a registry name)")
+        canon, _ = read_canonical(path)
+        head = canon.get("head.weight")
+        num_classes = args.num_classes or (head.shape[0] if head is not None else None)
+        if num_classes is None:
+            raise EvalSetupError(f"{path}: the checkpoint has no classification head: not a fine-tuned model")
+        model = create_classifier(args.model, num_classes, attention=args.attention, **sizes)
+        load_pretrained(model, path, strict=True)
+        settings = {"shards": args.shards, "clips": args.clips or 5, "crops": args.crops or 3,
+                    "batch": args.batch or 4, "data": {}, "out": args.out or str(Path("eval") / path.stem)}
+    if settings["shards"] is None:
+        raise EvalSetupError("no shards to evaluate on: give --shards (or finetune.eval.shards in the run config)")
+    if args.sampling_rate:
+        settings["data"]["sampling_rate"] = args.sampling_rate
+    return model.eval().requires_grad_(False), num_classes, settings, torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    from .data.shards import ShardSpecError
+    from .models.checkpoint_import import CheckpointError
+
+    try:
+        return _evaluate(args)
+    except (EvalSetupError, CheckpointError, ShardSpecError, FileNotFoundError) as e:
+        print(f"vmae-eval: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from .data import EvalLoader
+    from .eval.run import agreement, evaluate, read_predictions, report
+    from .objectives.classify import class_names_of, eval_data_config
+
+    model, num_classes, settings, torch = build_model(args)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
+    model = model.to(device=device, dtype=dtype)
+    data = eval_data_config(settings["data"], settings["shards"], args.workers, model.num_frames, model.img_size)
+    loader = EvalLoader(data, batch_size=settings["batch"], rank=rank, world_size=world,
+                        num_clips=settings["clips"], num_crops=settings["crops"])
+    result, preds = evaluate(model, loader, num_classes, device, dtype, rank, world, chunk=args.chunk)
+    code = 0
+    if rank == 0:
+        extra = {"weights": str(args.weights), "views": f"{settings['clips']} clips x {settings['crops']} crops",
+                 "shards": settings["shards"]}
+        if args.agree_with:
+            share, n = agreement(preds_top1(preds), read_predictions(args.agree_with))
+            extra["agreement"] = f"{share:.4f} of {n} videos agree with {args.agree_with}"
+        paths, line = report(result, preds, settings["out"], f"evaluation of {args.weights}", extra,
+                             class_names_of(settings["shards"]))
+        print(line, flush=True)
+        if "agreement" in extra:
+            print(f"agreement: {extra['agreement']}", flush=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return code
+
+
+def preds_top1(preds) -> dict[int, int]:
+    return {i: t[0] for i, t in preds.top.items()}
+
+
+def cli() -> None:
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    cli()
