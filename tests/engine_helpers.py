@@ -42,10 +42,12 @@ def free_port() -> int:
 
 
 def write_config(path: Path, **sections) -> Path:
-    """TINY with sections replaced/merged (one level deep)."""
+    """TINY with sections replaced/merged (one level deep); a section given as None is removed."""
     cfg = json.loads(json.dumps(TINY))
     for k, v in sections.items():
-        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+        if v is None:
+            cfg.pop(k, None)
+        elif isinstance(v, dict) and isinstance(cfg.get(k), dict):
             cfg[k].update(v)
         else:
             cfg[k] = v
@@ -59,21 +61,26 @@ def env() -> dict:
     return e
 
 
-def launch_cmd(*args: str, script: str | None = None) -> list[str]:
-    target = [script] if script else ["--module", "vmae_ds.pretrain"]
+ENTRY = {"mae": "vmae_ds.pretrain", "umt": "vmae_ds.pretrain", "classify": "vmae_ds.finetune",
+         "distill": "vmae_ds.finetune"}
+
+
+def launch_cmd(*args: str, script: str | None = None, entry: str = "mae") -> list[str]:
+    target = [script] if script else ["--module", ENTRY[entry]]
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
             str(free_port()), *target, *args]
 
 
-def start(*args: str, log: Path, script: str | None = None) -> subprocess.Popen:
+def start(*args: str, log: Path, script: str | None = None, entry: str = "mae") -> subprocess.Popen:
     """Launch 2 CPU ranks in a new process group (so the test can kill all of them at once)."""
     f = open(log, "ab")
-    return subprocess.Popen(launch_cmd(*args, script=script), cwd=ROOT, env=env(), stdout=f,
+    return subprocess.Popen(launch_cmd(*args, script=script, entry=entry), cwd=ROOT, env=env(), stdout=f,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def run(*args: str, log: Path, timeout: float = 480, script: str | None = None) -> tuple[int, str]:
-    p = start(*args, log=log, script=script)
+def run(*args: str, log: Path, timeout: float = 480, script: str | None = None,
+        entry: str = "mae") -> tuple[int, str]:
+    p = start(*args, log=log, script=script, entry=entry)
     try:
         code = p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -174,3 +181,36 @@ if __name__ == "__main__":
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds --local_rank=N
     if len(argv) == 2 and argv[0] == "grads":
         _grads_main(argv[1])
+
+
+# ---------------------------------------------------------------- one tiny run config per objective
+def objective_sections(tmp: Path, objective: str) -> dict:
+    """The sections that turn TINY into a run of `objective` (weights files it needs are made in `tmp`)."""
+    if objective == "mae":
+        return {}
+    ft = {"num_classes": 4, "layer_decay": 0.75, "mixup": 0.8, "cutmix": 1.0, "reprob": 0.25}
+    data = {"kind": "synthetic", "num_sample": 2, "synthetic": {"num_videos": 16, "num_classes": 4}}
+    if objective == "classify":
+        return {"objective": "classify", "finetune": ft, "data": data, "masks": None}
+    if objective == "distill":
+        teacher = tmp / "teacher.safetensors"
+        if not teacher.exists():
+            import torch
+            from safetensors.torch import save_file
+
+            from vmae_ds.models import create_classifier
+            torch.manual_seed(7)
+            save_file(create_classifier("vit_tiny_debug", 4).state_dict(), str(teacher))
+        return {"objective": "distill", "finetune": ft, "data": data, "masks": None,
+                "distill": {"teacher": {"model": "vit_tiny_debug", "weights": str(teacher)}, "temperature": 2.0,
+                            "hard_label_weight": 0.5}}
+    if objective == "umt":
+        clip = tmp / "clip_tiny.pt"
+        if not clip.exists():
+            from vmae_ds.models.clip_teacher import random_openai_state_dict, save_openai_state_dict
+            save_openai_state_dict(random_openai_state_dict("clip_tiny_debug", seed=1), clip)
+        return {"objective": "umt", "masks": None,
+                "model": {"name": "vit_tiny_debug", "attention": "sdpa", "num_frames": 8, "tubelet_size": 1},
+                "umt": {"teacher": {"name": "clip_tiny_debug", "path": str(clip)}, "align_layers": 2},
+                "data": {"kind": "synthetic", "num_sample": 1, "synthetic": {"num_videos": 16}}}
+    raise ValueError(objective)

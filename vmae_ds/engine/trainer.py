@@ -140,11 +140,22 @@ def train(cfg: RunConfig, resume: str | None, objective: Any) -> int:
     else:
         if rank == 0 and resume == "auto":
             say(f"--resume auto: no complete checkpoint in {ckpt_dir}, starting fresh")
-        torch.manual_seed(cfg.seed + rank)
+        seed_everything(cfg.seed + rank)
 
     loop = _Loop(cfg, d, engine, objective, loader, state, rank, world, run_dir, config_yaml, host_group,
                  last_ckpt=str(folder) if folder else "none")
     return loop.run()
+
+
+def seed_everything(seed: int) -> None:
+    """torch, numpy and Python RNGs: device-side augmentation (timm's Mixup, random erasing) draws from all three."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 def _restore(engine: Any, folder: Path, cfg: RunConfig, world: int, loader: Any, objective: Any, rank: int,
