@@ -15,8 +15,8 @@ import torch
 import yaml
 from engine_helpers import metrics, pointer, run, start, wait_for, write_config
 
-from vmae_ds.engine.run_config import RunConfig
 from vmae_ds.engine.resume import resume_conflicts
+from vmae_ds.engine.run_config import RunConfig
 
 pytestmark = pytest.mark.distributed
 
