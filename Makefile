@@ -2,11 +2,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: setup test lint demo bench flops clean
+.PHONY: setup test lint demo demo-finetune demo-umt bench flops gpu-check clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+	$(PIP) uninstall -y -q decord  # decord 0.6.0 and decord2 install the same package folder
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps -e .
 	touch $@
@@ -24,6 +25,9 @@ demo: setup  ## end-to-end: videos -> shards -> ZeRO-3 pretraining -> resume -> 
 
 bench: setup  ## CPU-sized benchmark suite
 	$(PY) -m benchmarks --preset cpu --out reports/bench
+
+gpu-check:  ## GPU checks in one command (exits 2 without CUDA); wheels from .whl (../shared/gpu/make_wheelhouse.sh)
+	bash scripts/gpu_check.sh
 
 flops: setup  ## analytic FLOPs table, all sizes, encoder-only vs dual
 	$(PY) -m vmae_ds.flops

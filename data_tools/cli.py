@@ -83,7 +83,8 @@ def _cmd_hybrid(a: argparse.Namespace) -> int:
 
 def _cmd_build(a: argparse.Namespace) -> int:
     clip = ClipSettings(reencode=a.reencode, short_side=a.short_side, keyint=a.keyint, crf=a.crf,
-                        min_frames=a.min_frames, full_check=a.full_check)
+                        min_frames=a.min_frames, full_check=a.full_check, backend=a.backend,
+                        window_margin=a.window_margin)
     summary = build_shards(a.manifest, a.out, prefix=a.prefix, shard_size=a.shard_size, workers=a.workers,
                            clip=clip, root=a.root, manifest_format=a.format, shuffle_seed=a.shuffle_seed,
                            label_map=a.label_map, progress=not a.quiet)
@@ -110,8 +111,16 @@ def _cmd_synth(a: argparse.Namespace) -> int:
         raise ValueError(f"--size must look like HxW, e.g. 96x128, got {a.size!r}") from None
     if a.n < 1 or a.frames < 1:
         raise ValueError(f"--n and --frames must be >= 1, got {a.n} and {a.frames}")
-    paths = make_videos(a.out, a.n, frames=a.frames, size=(h, w), fps=a.fps, seed=a.seed)
-    print(f"{len(paths)} H.264 clips ({a.frames} frames, {h}x{w}, {a.fps} fps) -> {a.out}")
+    if a.motion_classes:
+        from data_tools.synth import make_motion_videos
+
+        paths = make_motion_videos(a.out, a.n, a.motion_classes, frames=a.frames, size=(h, w), fps=a.fps,
+                                   seed=a.seed, codec=a.codec)
+        print(f"{len(paths)} {a.codec} clips in {a.motion_classes} motion classes ({a.frames} frames, {h}x{w}, "
+              f"{a.fps} fps) -> {a.out}/<class>/")
+        return 0
+    paths = make_videos(a.out, a.n, frames=a.frames, size=(h, w), fps=a.fps, seed=a.seed, codec=a.codec)
+    print(f"{len(paths)} {a.codec} clips ({a.frames} frames, {h}x{w}, {a.fps} fps) -> {a.out}")
     return 0
 
 
@@ -174,6 +183,11 @@ def parser() -> argparse.ArgumentParser:
                    "ids, integer labels are checked against it; the shards get labels.json and every sample "
                    "a label_name. Default: the manifest's .labels.json from `manifest --labels-from-dirs`, "
                    "if there")
+    b.add_argument("--backend", choices=("decord", "pyav"), default="decord",
+                   help="decoder of the trial decode: the one training uses (data.shards.backend); recorded in "
+                   "index.json (default decord)")
+    b.add_argument("--window-margin", type=int, default=8,
+                   help="rows with a start/end window: frames kept each side of it (default 8)")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
 
     for name, text in (("verify", "check shards: tar integrity, keys, decoding, counts (exit 1 on damage)"),
@@ -187,13 +201,17 @@ def parser() -> argparse.ArgumentParser:
                        help="processes reading shards (default: CPU count - 1)")
         c.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    s = sub.add_parser("synth", help="write small synthetic H.264 clips (tests, demos)")
+    s = sub.add_parser("synth", help="write small synthetic clips (tests, demos)")
     s.add_argument("--out", required=True, help="folder for the clips")
     s.add_argument("--n", type=int, default=16, help="number of clips (default 16)")
     s.add_argument("--frames", type=int, default=40, help="frames per clip (default 40)")
     s.add_argument("--size", default="96x128", help="HxW, even numbers (default 96x128)")
     s.add_argument("--fps", type=int, default=25, help="frame rate (default 25)")
     s.add_argument("--seed", type=int, default=0, help="seed of the first clip (default 0)")
+    s.add_argument("--codec", choices=("av1", "h264", "h265", "vp9"), default="h264", help="default h264")
+    s.add_argument("--motion-classes", type=int, default=0, metavar="K",
+                   help="labelled set: --n clips per class into OUT/<class>/ for K of right, left, down, up (a "
+                   "square moving that way; colours and background random)")
     return p
 
 

@@ -59,7 +59,7 @@ def _shard_list(folder: Path, problems: list[str]) -> tuple[list[Path], dict | N
     return sorted(set(tars) | {p for p in listed if p.exists()}), index
 
 
-def _read_shard(path: Path, decode_n: int) -> tuple[Report, list[str]]:
+def _read_shard(path: Path, decode_n: int, backend: str = "decord") -> tuple[Report, list[str]]:
     """Read one whole shard (runs in a worker): its partial report and its keys in order."""
     report = Report(shards=1)
     samples: dict[str, dict[str, bytes | int]] = defaultdict(dict)
@@ -96,7 +96,7 @@ def _read_shard(path: Path, decode_n: int) -> tuple[Report, list[str]]:
         video = parts[videos[0]]
         if isinstance(video, bytes):
             try:
-                decode_sample_check(video)
+                decode_sample_check(video, backend)
                 report.decoded += 1
             except BadClip as e:
                 report.damaged.append(f"{path.name}: key {key!r}: {e}")
@@ -135,7 +135,10 @@ def inspect(folder: str | Path, decode_per_shard: int = 1, progress: bool = True
     seen: dict[str, str] = {}
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=quiet_decoders) \
         if workers > 1 else None
-    results = pool.map(_read_shard, shards, repeat(decode_n)) if pool else map(_read_shard, shards, repeat(decode_n))
+    # decode with the decoder the build trial-decoded with (the one training uses)
+    backend = (index or {}).get("settings", {}).get("backend", "decord")
+    args = (shards, repeat(decode_n), repeat(backend))
+    results = pool.map(_read_shard, *args) if pool else map(_read_shard, *args)
     try:
         for path, (part, keys) in tqdm(zip(shards, results), total=len(shards), unit="shard", desc="verify",
                                        disable=not progress):

@@ -7,6 +7,7 @@ back silently. `auto` picks the fastest kernel for the tensors it sees and logs 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 
@@ -17,9 +18,14 @@ KERNELS = ("auto", "flash_attn", "sdpa", "math")
 log = logging.getLogger(__name__)
 
 
+@functools.cache
+def _has_module(name: str) -> bool:
+    # asked once per process: a find_spec on every attention call costs host time in every step
+    return importlib.util.find_spec(name) is not None
+
+
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None or importlib.util.find_spec(
-        "flash_attn_interface") is not None
+    return _has_module("flash_attn") or _has_module("flash_attn_interface")
 
 
 def check_kernel(name: str) -> None:
@@ -44,7 +50,7 @@ def resolve_kernel(name: str, q: torch.Tensor) -> str:
 def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     # flash-attn takes (B, N, H, D); prefer FA3 (Hopper) when installed.
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    if importlib.util.find_spec("flash_attn_interface") is not None:
+    if _has_module("flash_attn_interface"):
         from flash_attn_interface import flash_attn_func
         out = flash_attn_func(q, k, v)
         out = out[0] if isinstance(out, tuple) else out
@@ -67,10 +73,14 @@ class KernelChoice:
         check_kernel(requested)
         self.requested = requested
         self.used: str | None = None
+        self._resolved: dict[tuple[str, torch.dtype, str], str] = {}
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: (B, heads, N, head_dim) -> (B, heads, N, head_dim)."""
-        kernel = resolve_kernel(self.requested, q)
+        key = (q.device.type, q.dtype, self.requested)
+        kernel = self._resolved.get(key)
+        if kernel is None:
+            kernel = self._resolved[key] = resolve_kernel(self.requested, q)
         if kernel != self.used:
             if self.used is None:
                 log.info("attention kernel: %s (requested %s, %s %s, head_dim %d)", kernel, self.requested,

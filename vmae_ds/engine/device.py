@@ -70,40 +70,54 @@ class Prefetcher:
 
 
 class StepTimer:
-    """Wall time per step without a host sync: CUDA events read back only when the metrics are written."""
+    """Wall time per step, and optionally per phase, without a host sync: CUDA events (or perf_counter on the
+    CPU) read back only when the metrics are written. `mark(name)` closes the phase that ran since the last
+    mark; phases of the micro-steps of one optimizer step add up."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, phases: bool = False):
         self.cuda = device.type == "cuda"
-        self._open: Any = None
-        self.done: list[Any] = []
+        self.phases = phases
+        self._marks: list[tuple[str, Any]] = []
+        self.done: list[list[tuple[str, Any]]] = []
+
+    def _now(self) -> Any:
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
 
     def start(self) -> None:
-        if self.cuda:
-            self._open = torch.cuda.Event(enable_timing=True)
-            self._open.record()
-        else:
-            self._open = time.perf_counter()
+        self._marks = [("start", self._now())]
+
+    def mark(self, name: str) -> None:
+        if self.phases:
+            self._marks.append((name, self._now()))
 
     def stop(self) -> None:
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self.done.append((self._open, end))
-        else:
-            self.done.append(time.perf_counter() - self._open)
-        self._open = None
+        self._marks.append(("end", self._now()))
+        self.done.append(self._marks)
+        self._marks = []
 
     def drop_last(self) -> None:
         self.done.pop()
 
-    def collect(self) -> list[float]:
-        """Seconds of every stopped step since the last collect (waits for the device only here)."""
+    def _seconds(self, a: Any, b: Any) -> float:
+        if self.cuda:
+            b.synchronize()
+            return a.elapsed_time(b) / 1e3
+        return b - a
+
+    def collect(self) -> list[tuple[float, dict[str, float]]]:
+        """(seconds, {phase: seconds}) of every stopped step since the last collect (waits for the device
+        only here)."""
         out = []
-        for item in self.done:
-            if self.cuda:
-                item[1].synchronize()
-                out.append(item[0].elapsed_time(item[1]) / 1e3)
-            else:
-                out.append(item)
+        for marks in self.done:
+            total = self._seconds(marks[0][1], marks[-1][1])
+            split: dict[str, float] = {}
+            for (_, a), (name, b) in zip(marks[:-1], marks[1:]):
+                if name != "end":
+                    split[name] = split.get(name, 0.0) + self._seconds(a, b)
+            out.append((total, split))
         self.done = []
         return out

@@ -115,6 +115,8 @@ def progress_line(rec: dict, total_steps: int) -> str:
         mem += f" ({rec['mem_kind']})"
     extra = "".join(f" | {k} {v:.4g}" for k, v in rec.get("objective", {}).items())
     loader = f" | loader mem {rec['loader_mem_gib']:.2f} GiB" if rec.get("loader_mem_gib") is not None else ""
+    if rec.get("step_split"):  # shares of the step time (the progress line's are window averages)
+        loader += " | split " + " ".join(f"{k} {v * 100:.0f}%" for k, v in rec["step_split"].items())
     return (f"step {rec['step']}/{total_steps} ep {rec['epoch']} | loss {rec['loss']:.4f}{extra} | "
             f"lr {rec['lr']:.3e} | grad norm {gn} | {rec['clips_per_s']:.1f} clips/s | MFU {mfu} | peak mem {mem} | "
             f"data wait {rec['data_wait'] * 100:.0f}%{loader} | non-finite skipped {rec['nonfinite_total']}"

@@ -96,6 +96,8 @@ class LoggingConfig(Strict):
     every_steps: int = Field(10, gt=0)
     tensorboard: bool = True
     device_name: str | None = Field(None, description="peak-FLOPs table key; default: detected")
+    breakdown: bool = Field(False, description="time data / forward / backward / optimizer per step (events, "
+                            "read with the metrics; on the CPU every phase is exact, on a GPU too)")
 
 
 class SpeedConfig(Strict):

@@ -226,7 +226,7 @@ class _Loop:
         preempt = Preemption()
         stream = endless(self.loader)  # created after load_state_dict: it starts where the checkpoint left it
         prefetch = Prefetcher(stream, self.objective.to_device, engine.device, self.loader.state_dict)
-        timer = StepTimer(engine.device)
+        timer = StepTimer(engine.device, phases=cfg.logging.breakdown)
         window = Window()
         nan_batches = set(cfg.debug.nan_batches)
         consecutive = 0
@@ -251,17 +251,21 @@ class _Loop:
                 first_batch = state.batches + 1
                 for micro in range(cfg.optim.grad_accum):
                     batch = prefetch.next()
+                    timer.mark("data")
                     state.batches += 1
                     loss, extra = self.objective.loss(engine, batch)
                     if state.batches in nan_batches and self.rank == 0:
                         loss = loss * float("nan")  # test hook: rank 0 only; the ranks must still agree
+                    timer.mark("forward")
                     engine.backward(loss)
+                    timer.mark("backward")
                     if not preempt.requested:  # after SIGTERM no batch is drawn: the step boundary saves
                         prefetch.preload()  # the next batch's copy overlaps this backward
                     if cfg.debug.step_sleep_s and micro == cfg.optim.grad_accum - 1 and (
                             not cfg.debug.sleep_steps or step + 1 in cfg.debug.sleep_steps):
                         time.sleep(cfg.debug.step_sleep_s)
                     engine.step()
+                    timer.mark("optimizer")  # at an accumulation boundary: clipping, the update, gathers
                     losses.append(loss.detach())
                     extras.append(extra)
                 timer.stop()
@@ -323,7 +327,7 @@ class _Loop:
         mem, reserved, mem_kind = peak_memory_gib()
         loader_mem = self.loader_memory()
         recs = []
-        for (info, losses, extras), dt in zip(read, times):
+        for (info, losses, extras), (dt, split) in zip(read, times):
             clips_s = d.samples_per_step / dt
             rec = {"step": info["step"], "epoch": info["epoch"], "loss": sum(losses) / len(losses), "lr": info["lr"],
                    "grad_norm": info["grad_norm"], "step_time": dt, "clips_per_s": clips_s,
@@ -334,6 +338,8 @@ class _Loop:
                 rec["mfu_with_teacher"] = self.mfu(clips_s, self.model_flops + self.teacher_flops)
             if extras:
                 rec["objective"] = extras
+            if split:
+                rec["step_split"] = split
             if loader_mem is not None:
                 rec["loader_mem_gib"] = loader_mem
             recs.append(rec)
@@ -360,6 +366,8 @@ class _Loop:
         avg["mfu"] = self.mfu(avg["clips_per_s"], self.model_flops)
         if self.teacher_flops:
             avg["mfu_with_teacher"] = self.mfu(avg["clips_per_s"], self.model_flops + self.teacher_flops)
+        if "step_split" in recs[-1]:
+            avg["step_split"] = {k: sum(r["step_split"].get(k, 0.0) for r in recs) / t for k in recs[-1]["step_split"]}
         if "objective" in recs[-1]:
             names = recs[-1]["objective"]
             avg["objective"] = {k: sum(r["objective"][k] for r in recs) / len(recs) for k in names}
