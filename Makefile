@@ -23,6 +23,12 @@ lint: setup
 demo: setup  ## end-to-end: videos -> shards -> ZeRO-3 pretraining -> resume -> export
 	bash scripts/demo.sh
 
+demo-finetune: setup  ## progressive path: labelled clips -> pretrain -> fine-tune -> eval -> distil -> extract -> HF
+	bash scripts/demo_finetune.sh
+
+demo-umt: setup  ## UMT: tiny CLIP teacher (OpenAI layout) -> ZeRO pretraining -> resume -> export -> fine-tune
+	bash scripts/demo_umt.sh
+
 bench: setup  ## CPU-sized benchmark suite
 	$(PY) -m benchmarks --preset cpu --out reports/bench
 
@@ -33,4 +39,4 @@ flops: setup  ## analytic FLOPs table, all sizes, encoder-only vs dual
 	$(PY) -m vmae_ds.flops
 
 clean:
-	rm -rf $(VENV) runs reports demo_out
+	rm -rf $(VENV) runs reports demo_out demo_ft_out demo_umt_out
