@@ -14,6 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vmae_ds.flops import pretrain_flops
+from vmae_ds.masking import select_tokens
 from vmae_ds.models import count_params, create_pretrain_model, get_spec
 
 from .saved_tensors import SavedTensorCounter, attribute_to_blocks
@@ -41,7 +42,9 @@ def fake_step(cell: Cell, amp: torch.dtype | None, count_flops: bool = False) ->
         raise ValueError("flash_attn runs on CUDA only; it has no fake-CPU equivalent")
     with torch.device("meta"):
         model = create_pretrain_model(cell.model, attention=cell.kernel, **cell.overrides())
-    video, enc, dec = make_batch(model, cell, cell.batch, "cpu")  # real masks: the shadow needs their values
+    video, enc, dec = make_batch(model, cell, cell.batch, "cpu")
+    # the masks' index form is made from the real masks, outside fake mode: its shapes are then known
+    sel = select_tokens(enc, dec)
     with fake_cpu() as mode:
         model = model.to_empty(device="cpu").train()
         video = mode.from_tensor(video)
@@ -49,7 +52,7 @@ def fake_step(cell: Cell, amp: torch.dtype | None, count_flops: bool = False) ->
         model.set_activation_checkpointing("full" if cell.ckpt == "on" else "none", fn=counter.checkpoint_fn)
         fwd_fc = FlopCounterMode(display=False) if count_flops else nullcontext()
         with counter, fwd_fc, attribute_to_blocks(counter, model_blocks(model)):
-            loss = forward_loss(model, video, enc, dec, amp)
+            loss = forward_loss(model, video, sel, None, amp)
         out = {"saved_activation_bytes": counter.activation_bytes, "saved_param_bytes": counter.param_bytes,
                "weight_cast_bytes": counter.weight_cast_bytes, "max_block_bytes": counter.max_block_bytes}
         if count_flops:

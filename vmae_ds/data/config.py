@@ -22,18 +22,30 @@ class DataConfig(BaseModel):
     scales: tuple[float, ...] = Field((1, .875, .75, .66), description="crop sizes as shares of the short side")
     num_sample: int = Field(4, ge=1, description="repeated augmentation: crops (and masks) per decoded clip")
     num_workers: int = Field(2, ge=0, description="decoding processes per rank (0 = in the main process)")
-    resampled: bool = Field(True, description="draw shards with replacement forever (pretraining). False: "
-                            "epochs of len(loader) batches on every rank; each epoch deals a new shard order to "
-                            "the rank x worker readers, a reader whose shards run out reads them again, clips "
-                            "past a reader's share are left out of that epoch (webdataset-style epochs)")
-    shuffle_block: int = Field(16, ge=1, description="shuffle each shard draw within blocks of this many "
-                               "clips (memory: block x clip size per worker); 1 = shard order")
+    resampled: bool | None = Field(None, description="None (default): exact epochs when sample counts are known "
+                                   "(index.json), else resampled. True: endless passes, each a seeded permutation "
+                                   "of all shards that every rank x worker reader walks from its own rotation "
+                                   "offset. False: exact epochs (every sample once per epoch across all ranks and "
+                                   "workers; needs index.json)")
+    shuffle_block: int = Field(16, ge=1, description="shuffle what a reader reads of each shard within blocks "
+                               "of this many clips (memory: block x clip size per worker); 1 = shard order")
     backend: Literal["decord", "pyav"] = "decord"
     pin_memory: bool = Field(True, description="pin batches (only when CUDA is available)")
-    persistent_workers: bool = True
-    prefetch_factor: int = Field(2, ge=1, description="batches each worker keeps ready")
+    persistent_workers: bool = Field(True, description="no effect (kept so configs that set it still load): "
+                                     "a loader's workers live until close() or a crash/hang restart")
+    prefetch_factor: int = Field(2, ge=1, description="batches each worker keeps ready (at most; lowered so that "
+                                 "workers x prefetch x batch bytes stay under max_inflight_gib)")
+    max_inflight_gib: float = Field(8.0, gt=0, description="bound on the batches in flight per rank, in GiB "
+                                    "(they live in shm_path until the training loop takes them)")
+    shm_path: str = Field("/dev/shm", description="where worker batches are shared; checked at start for "
+                          "room for the batches in flight of every rank on the node")
+    decode_timeout_s: float = Field(300, gt=0, description="a worker stuck this long on one sample is killed, "
+                                    "the sample quarantined, and the workers restarted")
     max_bad_shards_in_a_row: int = Field(20, ge=1, description="give up (with the names) after this many "
                                          "consecutive shards that yield no sample")
+    max_corrupt_in_a_row: int = Field(200, ge=1, description="give up (with the latest errors) after this many "
+                                      "consecutive samples that cannot be decoded or transformed: a broken "
+                                      "decoder or transform, not bad data")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

@@ -3,37 +3,44 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from vmae_ds.data.config import DataConfig
 from vmae_ds.data.decode import DecodeError, open_video
-from vmae_ds.data.loader import PretrainLoader
-from vmae_ds.data.shards import resolve_shards
-from vmae_ds.data.stream import CorruptSample, ShardReader, initial_position, log, parse_sample
+from vmae_ds.data.loader import PretrainLoader, WorkerSupervisor
+from vmae_ds.data.shards import EpochLayout, resolve_shards, shard_name
+from vmae_ds.data.stream import InFlight, Transform, initial_position, log, parse_sample, read_indexed
 from vmae_ds.data.transforms import eval_indices, spatial_views, to_tchw
 
 
-def build_finetune_loader(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int,
-                          seed: int) -> PretrainLoader:
-    """Training batches {video uint8 (B, 3, T, S, S), label long (B,)}; label -1 where the json has none.
+def build_finetune_loader(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int,
+                          transform: Transform | None = None, quarantine: Iterable[str] = (),
+                          fault_keys: dict[str, str] | None = None) -> PretrainLoader:
+    """Training batches {video uint8 (B, 3, T, S, S), label long (B,), keys [B]}; label -1 where the json has
+    none.
 
-    Same stream, crops, resume and repeated augmentation as pretraining (num_sample 2 in the paper's
-    fine-tuning recipe); no masks.
+    Same stream, epochs, resume and crash protection as pretraining; no masks. `transform(frames, gen, meta)`
+    turns one decoded clip (uint8 (T, 3, H, W)) into num_sample uint8 (T, S, S, 3) views using only `gen`
+    for randomness; it must be picklable (it runs in the workers). Default: multi-scale crops x num_sample.
     """
     return PretrainLoader(cfg, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
-                          mask_fn=None, labels=True)
+                          mask_fn=None, labels=True, transform=transform, quarantine=quarantine,
+                          fault_keys=fault_keys)
 
 
 class _EvalStream(IterableDataset):
-    """Every sample whose global index i has i % world_size == rank; worker w reads shards s % W == w."""
+    """This rank's contiguous share of all samples in index order, cut into one contiguous run per worker.
+    Every sample gives exactly one item (invalid when it cannot be read), so ranks stay equal."""
 
-    def __init__(self, urls: list[str], counts: list[int], cfg: DataConfig, rank: int, world_size: int,
-                 num_clips: int, num_crops: int):
-        self.urls, self.counts, self.cfg = urls, counts, cfg
-        self.rank, self.world, self.num_clips, self.num_crops = rank, world_size, num_clips, num_crops
+    def __init__(self, urls: list[str], counts: list[int], layout: EpochLayout, cfg: DataConfig, num_clips: int,
+                 num_crops: int, skip: list[int], quarantine: frozenset[str], records: str | None,
+                 fault_keys: dict[str, str] | None):
+        self.urls, self.counts, self.layout, self.cfg = urls, counts, layout, cfg
+        self.num_clips, self.num_crops, self.skip = num_clips, num_crops, skip
+        self.quarantine, self.records, self.fault_keys = quarantine, records, fault_keys
 
     def _views(self, sample: dict) -> tuple[torch.Tensor, int]:
         data, meta = parse_sample(sample)
@@ -53,30 +60,40 @@ class _EvalStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        w, workers = (info.id, info.num_workers) if info else (0, 1)
+        w = info.id if info else 0
         if info is not None:
             torch.set_num_threads(1)
+        flight = InFlight(self.records if info is not None else None, w, self.fault_keys)
         offsets = [0]
         for c in self.counts:
             offsets.append(offsets[-1] + c)
         pos = initial_position(w)
-        reader = ShardReader(self.urls, self.cfg, 0, 1, 1, 0, 0, None)
-        for s in range(w, len(self.urls), workers):
-            samples = reader.samples(self.urls[s], pos)
-            for i in range(self.counts[s]):
-                # A sample lost to a damaged shard still gives an invalid entry: all ranks stay equal.
-                sample = next(samples, None)
-                g = offsets[s] + i
-                if g % self.world != self.rank:
+        n = 0
+        for piece in self.layout.slice(w, 0):
+            url = self.urls[piece.shard]
+            for i, sample in read_indexed(url, list(piece.indices()), self.counts[piece.shard], pos):
+                n += 1
+                if n <= self.skip[w]:  # delivered before a worker restart
                     continue
-                try:
-                    if sample is None:
-                        raise CorruptSample(f"sample {i} of {self.urls[s]} missing (damaged shard)")
-                    video, label = self._views(sample)
-                    yield {"index": g, "video": video, "label": label, "valid": True}
-                except Exception as e:  # unreadable clip: an invalid entry, never a crash
-                    log.warning("eval: sample %d is invalid (%s)", g, e)
-                    yield {"index": g, "video": None, "label": -1, "valid": False}
+                key = f"{shard_name(url)}/{sample.get('__key__', '?') if sample else f'#{i}'}"
+                yield self._item(offsets[piece.shard] + i, key, sample, flight) | {"__w__": w}
+
+    def _item(self, g: int, key: str, sample: dict | None, flight: InFlight) -> dict:
+        invalid = {"index": g, "key": key, "video": None, "label": -1, "valid": False}
+        if sample is None:
+            log.warning("eval: sample %d (%s) is missing (damaged shard)", g, key)
+            return invalid
+        if key in self.quarantine:
+            return invalid
+        flight.decoding(key)
+        try:
+            video, label = self._views(sample)
+        except Exception as e:  # unreadable clip: an invalid entry, never a crash
+            log.warning("eval: sample %d (%s) is invalid (%s)", g, key, e)
+            return invalid
+        finally:
+            flight.idle()
+        return {"index": g, "key": key, "video": video, "label": label, "valid": True}
 
 
 def _as_is(item: dict) -> dict:
@@ -84,40 +101,79 @@ def _as_is(item: dict) -> dict:
 
 
 class EvalLoader:
-    """Test-time views for one rank: {video uint8 (B, V, 3, T, S, S), label (B,), valid (B,), index (B,)}.
+    """Test-time views for one rank: {video uint8 (B, V, 3, T, S, S), label (B,), valid (B,), index (B,),
+    keys [B]}.
 
-    V = num_clips x num_crops (Kinetics 5 x 3, SSv2 2 x 3). Every rank yields the same number of full
-    batches: padding and unreadable clips have valid=False (zeros), so collective ops never hang.
-    Sum the softmax scores over V for the prediction.
+    V = num_clips x num_crops (Kinetics 5 x 3, SSv2 2 x 3). Every video is in exactly one rank's batches
+    (ranks get contiguous near-equal shares of the index order). Every rank yields the same number of full
+    batches: padding and unreadable clips have valid=False (zeros, key ''/the sample's key), so collective
+    ops never hang. A clip that crashes or hangs its decoder is quarantined, counted invalid, and the
+    workers restart where they were. Sum the softmax scores over V for the prediction.
     """
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, rank: int, world_size: int,
-                 num_clips: int = 5, num_crops: int = 3):
+                 num_clips: int = 5, num_crops: int = 3, quarantine: Iterable[str] = (),
+                 fault_keys: dict[str, str] | None = None):
         self.urls, counts = resolve_shards(cfg.shards)
         if counts is None:
             raise ValueError("evaluation needs sample counts: point shards at the folder or index.json "
                              "written by vmae-shards build")
+        if fault_keys and cfg.num_workers == 0:
+            raise ValueError("fault_keys need num_workers >= 1 (a crash in the main process cannot be survived)")
         self.counts, self.cfg, self.batch_size = counts, cfg, batch_size
         self.rank, self.world, self.num_clips, self.num_crops = rank, world_size, num_clips, num_crops
         self.total = sum(counts)
+        self.layout = EpochLayout(counts, 0, world_size, max(cfg.num_workers, 1), rank, shuffle=False)
+        self.quarantine, self.fault_keys = set(quarantine), dict(fault_keys or {})
         self.invalid = 0
+        self.crashed: list[str] = []
+        self.hung: list[str] = []
 
     def __len__(self) -> int:
         return math.ceil(math.ceil(self.total / self.world) / self.batch_size)
 
     def __iter__(self) -> Iterator[dict]:
-        ds = _EvalStream(self.urls, self.counts, self.cfg, self.rank, self.world, self.num_clips, self.num_crops)
-        nw = self.cfg.num_workers
-        dl = DataLoader(ds, batch_size=None, num_workers=nw, collate_fn=_as_is, generator=torch.Generator())
+        workers = max(self.cfg.num_workers, 1)
+        delivered = [0] * workers
+
+        def make(records: str | None, quarantine: frozenset[str]) -> _EvalStream:
+            return _EvalStream(self.urls, self.counts, self.layout, self.cfg, self.num_clips, self.num_crops,
+                               list(delivered), quarantine, records, self.fault_keys)
+
+        sup = WorkerSupervisor(make, num_workers=self.cfg.num_workers, prefetch_factor=self.cfg.prefetch_factor,
+                               pin_memory=False, decode_timeout_s=self.cfg.decode_timeout_s,
+                               what=f"eval rank {self.rank}", quarantine=self.quarantine, collate_fn=_as_is)
+
+        def items() -> Iterator[dict]:
+            while True:
+                try:
+                    item = sup.next()
+                except StopIteration:
+                    return
+                delivered[item.pop("__w__")] += 1
+                yield item
+
         t, s, v = self.cfg.num_frames, self.cfg.input_size, self.num_clips * self.num_crops
         zero = torch.zeros(v, 3, t, s, s, dtype=torch.uint8)
-        pad = {"index": -1, "video": None, "label": -1, "valid": False}
-        items = iter(dl)  # streamed; the order is the DataLoader's fixed round-robin
+        pad = {"index": -1, "key": "", "video": None, "label": -1, "valid": False}
+        stream = items()
         self.invalid = 0
-        for _ in range(len(self)):
-            chunk = [next(items, pad) for _ in range(self.batch_size)]
-            self.invalid += sum(not d["valid"] for d in chunk if d["index"] >= 0)
-            yield {"video": torch.stack([d["video"] if d["valid"] else zero for d in chunk]),
-                   "label": torch.tensor([d["label"] for d in chunk]),
-                   "valid": torch.tensor([d["valid"] for d in chunk]),
-                   "index": torch.tensor([d["index"] for d in chunk])}
+        try:
+            for _ in range(len(self)):
+                chunk = [next(stream, pad) for _ in range(self.batch_size)]
+                self.invalid += sum(not d["valid"] for d in chunk if d["index"] >= 0)
+                yield {"video": torch.stack([d["video"] if d["valid"] else zero for d in chunk]),
+                       "label": torch.tensor([d["label"] for d in chunk]),
+                       "valid": torch.tensor([d["valid"] for d in chunk]),
+                       "index": torch.tensor([d["index"] for d in chunk]),
+                       "keys": [d["key"] for d in chunk]}
+        finally:
+            sup.close()
+            self.quarantine |= sup.quarantine
+            self.crashed += [k for k in sup.crashed if k not in self.crashed]
+            self.hung += [k for k in sup.hung if k not in self.hung]
+
+    def stats(self) -> dict:
+        """Invalid views of the last pass, and the keys that crashed or hung a decoder (quarantined)."""
+        return {"invalid": self.invalid, "crashed": list(self.crashed), "hung": list(self.hung),
+                "quarantine": sorted(self.quarantine)}

@@ -1,22 +1,27 @@
-"""The per-worker sample stream: deterministic shard draws, exact positions, batches built in the worker.
+"""The worker side of the loader: read each reader's samples, decode, crop, and build whole batches.
 
-Each (rank, logical worker w) owns an independent stream. Its position is four integers:
-  batch   local batches already produced
-  epoch   exact-epoch mode only: which epoch's shard list is being read
-  chunk   how many shard draws have been started (the shard for a draw is a pure function of the seed)
-  offset  samples already consumed from the current draw
-The position after each batch travels with the batch to the main process, so a saved state says where
-every worker stands; restoring re-opens the drawn shard and skips `offset` samples without decoding.
-Crops use a generator seeded by (seed, rank, w, batch), so a replayed batch is bit-identical.
+Each (rank, logical worker w) reader owns a position (see shards.py) plus counters. The position after
+each batch travels with the batch to the main process, so a saved state says where every reader stands;
+restoring re-opens the current piece and skips the consumed samples without decoding them. Crops use a
+generator seeded by (seed, gen, rank, w, batch), so a replayed batch is bit-identical.
+
+Crash and hang protection (the main process side is in loader.py): before decoding a sample, a worker
+writes what it decodes to a small file in the loader's private folder (InFlight); quarantined keys are
+skipped without decoding; workers ignore SIGTERM and die with their parent.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import ctypes
 import json
 import logging
+import os
 import random
-from collections.abc import Iterator
+import resource
+import signal
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 import webdataset as wds
@@ -25,6 +30,16 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from vmae_ds.data.config import DataConfig
 from vmae_ds.data.decode import DecodeError, open_video
+from vmae_ds.data.shards import (
+    EpochLayout,
+    Layout,
+    PassLayout,
+    derive_seed,
+    order_seed,
+    piece_order,
+    settle,
+    shard_name,
+)
 from vmae_ds.data.transforms import (
     crop_resize_thwc,
     multiscale_crop_box,
@@ -33,86 +48,154 @@ from vmae_ds.data.transforms import (
     train_indices,
 )
 
+__all__ = ["ClipStream", "CorruptSample", "InFlight", "MultiScaleCrops", "ShardReader", "TransformError",
+           "decode_clip", "derive_seed", "initial_position", "parse_sample", "prepare_worker"]
+
 log = logging.getLogger("vmae_ds.data")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "m4v", "flv", "mpg", "mpeg", "3gp", "ts")
 RECENT = 8  # how many recent problems each worker keeps for stats()
+COUNTERS = ("decoded", "corrupt", "quarantined", "missing")
 
 
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts; stable across processes and Python versions (unlike hash())."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
-def initial_position(worker: int) -> dict:
-    return {"worker": worker, "batch": 0, "epoch": 0, "chunk": 0, "offset": 0,
-            "decoded": 0, "corrupt": 0, "bad_shards": {}, "recent": []}
+def initial_position(worker: int, batch: int = 0, epoch: int = 0) -> dict:
+    return {"worker": worker, "batch": batch, "epoch": epoch, "chunk": 0, "offset": 0,
+            **dict.fromkeys(COUNTERS, 0), "bad_shards": {}, "recent": []}
 
 
 class CorruptSample(Exception):
     """A sample that is skipped and counted (bad json, no video member, undecodable video)."""
 
 
-class ShardReader:
-    """Reads the samples of one logical worker's shard draws, keeping `pos` exact."""
+class TransformError(ValueError):
+    """The per-clip transform broke its contract (count, shape or dtype of the crops): a bug, not bad data."""
 
-    def __init__(self, urls: list[str], cfg: DataConfig, rank: int, world_size: int, workers: int,
-                 seed: int, w: int, batches_per_epoch: int | None):
-        self.urls, self.cfg, self.rank, self.world, self.workers = urls, cfg, rank, world_size, workers
-        self.seed, self.w, self.bpe = seed, w, batches_per_epoch
+
+def _remember(pos: dict, text: str) -> None:
+    pos["recent"] = (pos["recent"] + [text[:300]])[-RECENT:]
+
+
+def _bad_shard(pos: dict, name: str, text: str, warned: set[str] | None = None) -> None:
+    """Count and remember a shard problem; log it once per shard and kind when `warned` is given."""
+    pos["bad_shards"][name] = pos["bad_shards"].get(name, 0) + 1
+    _remember(pos, f"shard {name}: {text}")
+    if warned is None or f"{name}:{text[:20]}" not in warned:
+        log.warning("shard %s: %s", name, text)
+        if warned is not None:
+            warned.add(f"{name}:{text[:20]}")
+
+
+def _tar_samples(url: str) -> Iterator[dict]:
+    with wds.gopen(url, "rb") as stream:
+        yield from group_by_keys({**f, "__url__": url} for f in tar_file_iterator(stream))
+
+
+def read_indexed(url: str, wanted: list[int], count: int | None, pos: dict,
+                 warned: set[str] | None = None) -> Iterator[tuple[int, dict | None]]:
+    """(local index, sample) for the `wanted` indices of one shard, in that order; (i, None) for each one the
+    shard lacks. `wanted` is a block-wise permutation of ascending runs, so at most one block is buffered;
+    unwanted samples are passed over without decoding. With `count` (the index's sample count) and the shard's
+    last sample wanted, a shard holding more samples than the index says is named."""
+    need, buf, p = set(wanted), {}, 0
+    last = max(wanted, default=-1)
+    name = shard_name(url)
+    seen = 0
+    try:
+        samples = _tar_samples(url)
+        for i, sample in enumerate(samples):
+            seen = i + 1
+            if i in need:
+                buf[i] = sample
+            if count is not None and i == count - 1 and next(samples, None) is not None:
+                _bad_shard(pos, name, f"holds more samples than index.json lists ({count}); the extra ones are "
+                                      "never read: rebuild the index", warned)
+            while p < len(wanted) and wanted[p] in buf:
+                yield wanted[p], buf.pop(wanted[p])
+                p += 1
+            if i >= last:
+                break
+    except Exception as e:  # unreadable or truncated shard: name it, count what is lost, go on
+        _bad_shard(pos, name, f"{type(e).__name__}: {e}", warned)
+    else:
+        if seen <= last:
+            _bad_shard(pos, name, f"ended after {seen} samples, index.json lists {count}", warned)
+    if p < len(wanted):
+        for i in wanted[p:]:
+            yield i, buf.pop(i, None)
+
+
+class ShardReader:
+    """Reads one reader's samples, piece after piece, epoch after epoch, keeping `pos` exact."""
+
+    def __init__(self, urls: list[str], cfg: DataConfig, rank: int, world_size: int, workers: int, seed: int,
+                 w: int, layout: Layout | None = None, counts: list[int] | None = None):
+        self.urls, self.cfg, self.w, self.seed = urls, cfg, w, seed
+        self.layout = layout or PassLayout(len(urls), seed, world_size, workers, rank)
+        self.counts = counts or (layout.counts if isinstance(layout, EpochLayout) else None)
         self._open: tuple[int, int] | None = None
         self._name = ""
-        self._it: Iterator[dict] | None = None
-
-    def shard_for(self, epoch: int, chunk: int) -> str:
-        if self.cfg.resampled:
-            rng = random.Random(derive_seed(self.seed, self.rank, self.w, chunk, "shard"))
-            return self.urls[rng.randrange(len(self.urls))]
-        # Exact epochs: a fresh shard order per epoch, dealt to the world_size * workers readers;
-        # a reader whose share is used up starts it again (padding, like DistributedSampler).
-        order = list(range(len(self.urls)))
-        random.Random(derive_seed(self.seed, epoch, "epoch")).shuffle(order)
-        g, total = self.rank * self.workers + self.w, self.world * self.workers
-        mine = order[g::total] or [order[g % len(order)]]
-        return self.urls[mine[chunk % len(mine)]]
+        self._it: Iterator | None = None
+        self._got = 0
+        self._dry_run: set[tuple[int, int, str]] = set()  # pieces in a row without a sample
+        self._warned: set[str] = set()  # shard problems already logged by this reader
 
     def samples(self, url: str, pos: dict, shuffle_seed: int | None = None) -> Iterator[dict]:
-        """The samples of one shard; with a seed, shuffled within blocks of cfg.shuffle_block."""
-        name = url.rsplit("/", 1)[-1]
+        """The samples of a whole shard; with a seed, shuffled within blocks of cfg.shuffle_block."""
         try:
-            with wds.gopen(url, "rb") as stream:
-                files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-                grouped = group_by_keys(files)
-                if shuffle_seed is not None and self.cfg.shuffle_block > 1:
-                    grouped = _block_shuffle(grouped, self.cfg.shuffle_block, shuffle_seed)
-                yield from grouped
+            grouped = _tar_samples(url)
+            if shuffle_seed is not None and self.cfg.shuffle_block > 1:
+                grouped = _block_shuffle(grouped, self.cfg.shuffle_block, shuffle_seed)
+            yield from grouped
         except Exception as e:  # unreadable or truncated shard: report it by name, go on with the next
-            pos["bad_shards"][name] = pos["bad_shards"].get(name, 0) + 1
-            _remember(pos, f"shard {name}: {type(e).__name__}: {e}")
-            log.warning("cannot read shard %s (%s: %s); continuing with the next shard", url,
-                        type(e).__name__, e)
+            _bad_shard(pos, shard_name(url), f"{type(e).__name__}: {e}; continuing with the next shard",
+                       self._warned)
+
+    def _open_piece(self, pos: dict) -> None:
+        e, c = pos["epoch"], pos["chunk"]
+        piece = self.layout.slice(self.w, e)[c]
+        url = self.urls[piece.shard]
+        seed = order_seed(self.seed, self.layout.gen, self.layout.reader(self.w), e, c)
+        if piece.hi is None and piece.picks is None:  # resampled: a whole shard, length unknown
+            it = self.samples(url, pos, seed)
+            for _ in range(pos["offset"]):  # resume: skip consumed samples, no decoding
+                if next(it, None) is None:
+                    break
+            self._it = ((None, s) for s in it)
+        else:
+            order = piece_order(piece, self.cfg.shuffle_block, seed)[pos["offset"]:]
+            count = self.counts[piece.shard] if self.counts else None
+            self._it = read_indexed(url, order, count, pos, self._warned)
+        self._open, self._name, self._got = (e, c), shard_name(url), 0
 
     def next_sample(self, pos: dict) -> dict:
-        empty_draws: list[str] = []
+        """The next raw sample (with `__shard__`); samples a damaged shard lacks are counted as missing."""
         while True:
+            settle(self.layout, self.w, pos)
             if self._open != (pos["epoch"], pos["chunk"]):
-                url = self.shard_for(pos["epoch"], pos["chunk"])
-                seed = derive_seed(self.seed, self.rank, self.w, pos["epoch"], pos["chunk"], "order")
-                self._it, self._open = self.samples(url, pos, seed), (pos["epoch"], pos["chunk"])
-                self._name = url.rsplit("/", 1)[-1]
-                for _ in range(pos["offset"]):  # resume: skip consumed samples, no decoding
-                    if next(self._it, None) is None:
-                        break
-            sample = next(self._it, None)
-            if sample is not None:
-                pos["offset"] += 1
-                sample["__shard__"] = self._name
-                return sample
-            if pos["offset"] == 0:
-                empty_draws.append(self._name)
-                if len(empty_draws) >= self.cfg.max_bad_shards_in_a_row:
-                    raise RuntimeError(f"rank {self.rank} worker {self.w}: {len(empty_draws)} shard draws in a "
-                                       f"row gave no sample: {sorted(set(empty_draws))[:5]}")
-            pos["chunk"], pos["offset"] = pos["chunk"] + 1, 0
+                self._open_piece(pos)
+            item = next(self._it, None)
+            if item is None:  # a whole shard (resampled) is done
+                if self._got == 0:
+                    self._dry(pos)
+                pos["chunk"], pos["offset"], self._open = pos["chunk"] + 1, 0, None
+                continue
+            pos["offset"] += 1
+            sample = item[1]
+            if sample is None:
+                pos["missing"] += 1
+                self._dry(pos)
+                continue
+            self._got += 1
+            self._dry_run = set()
+            sample["__shard__"] = self._name
+            return sample
+
+    def _dry(self, pos: dict) -> None:
+        """Stop (with the names) after too many pieces in a row that gave no sample."""
+        self._dry_run.add((pos["epoch"], pos["chunk"], self._name))
+        if len(self._dry_run) >= self.cfg.max_bad_shards_in_a_row:
+            names = sorted({n for _, _, n in self._dry_run})
+            raise RuntimeError(f"reader {self.layout.reader(self.w)}: {len(self._dry_run)} shard reads in a row "
+                               f"gave no sample: {names[:5]}")
 
 
 def _block_shuffle(samples: Iterator[dict], block: int, seed: int) -> Iterator[dict]:
@@ -130,10 +213,6 @@ def _block_shuffle(samples: Iterator[dict], block: int, seed: int) -> Iterator[d
     yield from buf
 
 
-def _remember(pos: dict, text: str) -> None:
-    pos["recent"] = (pos["recent"] + [text[:300]])[-RECENT:]
-
-
 def parse_sample(sample: dict) -> tuple[bytes, dict]:
     """(video bytes, metadata) of a raw webdataset sample; CorruptSample says what is wrong."""
     videos = [e for e in VIDEO_EXTS if e in sample]
@@ -146,6 +225,11 @@ def parse_sample(sample: dict) -> tuple[bytes, dict]:
     if not isinstance(meta, dict):
         raise CorruptSample("json is not an object")
     return sample[videos[0]], meta
+
+
+def sample_key(sample: dict) -> str:
+    """'<shard name>/<key>': what batches carry, quarantine lists hold and fault_keys name."""
+    return f"{sample['__shard__']}/{sample.get('__key__', '?')}"
 
 
 def decode_clip(data: bytes, meta: dict, cfg: DataConfig, gen: torch.Generator) -> torch.Tensor:
@@ -163,58 +247,158 @@ def decode_clip(data: bytes, meta: dict, cfg: DataConfig, gen: torch.Generator) 
     return frames
 
 
+class MultiScaleCrops:
+    """The default per-clip transform: num_sample multi-scale crops (the authors' GroupMultiScaleCrop) of
+    one decoded clip, each uint8 (T, S, S, 3). Any callable with this signature can replace it."""
+
+    def __init__(self, cfg: DataConfig):
+        self.scales, self.size, self.num_sample = tuple(cfg.scales), cfg.input_size, cfg.num_sample
+
+    def __call__(self, frames: torch.Tensor, gen: torch.Generator, meta: dict) -> list[torch.Tensor]:
+        h, w = frames.shape[-2:]
+        if min(h, w) * min(self.scales) < 1:
+            raise DecodeError(f"frames of {w}x{h} are too small to crop")
+        return [crop_resize_thwc(frames, multiscale_crop_box(h, w, self.size, self.scales, gen), self.size)
+                for _ in range(self.num_sample)]
+
+
 def augment(frames: torch.Tensor, cfg: DataConfig, gen: torch.Generator) -> list[torch.Tensor]:
-    """Repeated augmentation: num_sample multi-scale crops of one decoded clip, each (T, S, S, 3) uint8."""
-    h, w = frames.shape[-2:]
-    if min(h, w) * min(cfg.scales) < 1:
-        raise DecodeError(f"frames of {w}x{h} are too small to crop")
-    return [crop_resize_thwc(frames, multiscale_crop_box(h, w, cfg.input_size, cfg.scales, gen), cfg.input_size)
-            for _ in range(cfg.num_sample)]
+    """Repeated augmentation with the default transform (kept for callers of the function form)."""
+    return MultiScaleCrops(cfg)(frames, gen, {})
+
+
+class InFlight:
+    """Worker side of crash/hang protection: one file per logical worker, rewritten (atomically) before and
+    after each decode, so the main process can name the sample a dead or stuck worker was on."""
+
+    def __init__(self, folder: str | None, w: int, fault_keys: dict[str, str] | None):
+        self.folder, self.w, self.faults = folder, w, fault_keys or {}
+        self.path = os.path.join(folder, f"w{w}.json") if folder else ""
+        self.pid = os.getpid()
+        if folder:
+            parent = os.getppid()
+            while not os.path.exists(os.path.join(folder, "go")):  # the main process is still setting up
+                if os.getppid() != parent:
+                    os._exit(0)
+                time.sleep(0.005)
+            self._write({"state": "idle"})
+
+    def _write(self, rec: dict) -> None:
+        tmp = f"{self.path}.{self.pid}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"w": self.w, "pid": self.pid, "t": time.monotonic(), **rec}, f)
+        os.replace(tmp, self.path)
+
+    def decoding(self, key: str) -> None:
+        if self.folder:
+            self._write({"state": "decoding", "key": key})
+        fault = self.faults.get(key) or self.faults.get(key.split("/", 1)[-1])
+        if fault and self.folder:
+            _inject(fault)
+
+    def idle(self) -> None:
+        if self.folder:
+            self._write({"state": "idle"})
+
+
+def _inject(fault: str) -> None:
+    """Test hook: behave like a decoder that segfaults or never returns."""
+    if fault == "crash":
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file from a deliberate crash
+        os.kill(os.getpid(), signal.SIGSEGV)
+        time.sleep(5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    while True:  # "hang"
+        time.sleep(3600)
+
+
+def prepare_worker(parent: int, worker_id: int) -> None:
+    """DataLoader worker_init_fn: ignore SIGTERM (a scheduler signals every process of the job; the main
+    process decides what happens) and die with the parent (Linux: PR_SET_PDEATHSIG)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+Transform = Callable[[torch.Tensor, torch.Generator, dict], "list[torch.Tensor]"]
 
 
 class ClipStream(IterableDataset):
-    """Yields whole batches {video uint8 (B, 3, T, S, S), label (B,), __pos__} forever."""
+    """Yields whole batches {video uint8 (B, 3, T, S, S), label (B,), keys [B], __pos__} forever."""
 
-    def __init__(self, urls: list[str], cfg: DataConfig, *, videos_per_batch: int, rank: int,
-                 world_size: int, seed: int, start: list[dict], rotation: int,
-                 batches_per_epoch: int | None):
-        self.urls, self.cfg, self.vpb = urls, cfg, videos_per_batch
-        self.rank, self.world, self.seed = rank, world_size, seed
-        self.start, self.rotation, self.bpe = start, rotation, batches_per_epoch
+    def __init__(self, urls: list[str], cfg: DataConfig, *, layout: Layout, videos_per_batch: int, seed: int,
+                 start: list[dict], rotation: int, transform: Transform, quarantine: frozenset[str] = frozenset(),
+                 records: str | None = None, fault_keys: dict[str, str] | None = None):
+        self.urls, self.cfg, self.layout, self.vpb, self.seed = urls, cfg, layout, videos_per_batch, seed
+        self.start, self.rotation, self.transform = start, rotation, transform
+        self.quarantine, self.records, self.fault_keys = quarantine, records, fault_keys
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        workers = max(self.cfg.num_workers, 1)
+        workers = self.layout.workers
         w = ((info.id if info else 0) + self.rotation) % workers  # DataLoader worker -> logical worker
         if info is not None:
             torch.set_num_threads(1)  # one decode thread + one op thread per worker
+        flight = InFlight(self.records if info is not None else None, w, self.fault_keys)
         pos = json.loads(json.dumps(self.start[w]))
-        reader = ShardReader(self.urls, self.cfg, self.rank, self.world, workers, self.seed, w, self.bpe)
+        reader = ShardReader(self.urls, self.cfg, self.layout.rank, self.layout.world, workers, self.seed, w,
+                             self.layout)
+        in_a_row = 0  # corrupt samples since the last good one
         while True:
             j = pos["batch"]
-            if self.bpe is not None:
-                epoch = (j * workers + w) // self.bpe  # global batch index -> epoch
-                if epoch != pos["epoch"]:
-                    pos.update(epoch=epoch, chunk=0, offset=0)
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, w, j, "crop"))
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, self.layout.gen, self.layout.rank, w, j,
+                                                            "crop"))
             clips: list[torch.Tensor] = []
             labels: list[int] = []
+            keys: list[str] = []
             while len(clips) < self.vpb * self.cfg.num_sample:
                 sample = reader.next_sample(pos)
-                key = sample.get("__key__", "?")
-                try:
-                    data, meta = parse_sample(sample)
-                    crops = augment(decode_clip(data, meta, self.cfg, gen), self.cfg, gen)
-                except Exception as e:  # any bad sample is skipped and counted; training goes on
-                    pos["corrupt"] += 1
-                    shard = sample["__shard__"]
-                    _remember(pos, f"{shard}:{key}: {type(e).__name__}: {e}")
-                    log.warning("skipped corrupt sample %s in %s: %s", key, shard, e)
+                key = sample_key(sample)
+                if key in self.quarantine:  # crashed or hung a decoder before: never decoded again
+                    pos["quarantined"] += 1
                     continue
+                flight.decoding(key)  # from here to idle(): a crash or hang names this key
+                try:
+                    meta, crops = self._clip(sample, gen)
+                except TransformError:
+                    raise
+                except Exception as e:  # any bad sample is skipped and counted; training goes on
+                    self._corrupt(pos, key, e)
+                    in_a_row += 1
+                    if in_a_row >= self.cfg.max_corrupt_in_a_row:
+                        raise RuntimeError(f"reader {self.layout.reader(w)}: {in_a_row} samples in a row could not "
+                                           f"be decoded/transformed; latest: {pos['recent'][-3:]}") from e
+                    continue
+                finally:
+                    flight.idle()
+                in_a_row = 0
                 pos["decoded"] += 1
                 clips += crops
                 label = meta.get("label")
                 labels += [int(label) if isinstance(label, int) else -1] * len(crops)
+                keys += [key] * len(crops)
             pos["batch"] = j + 1
+            if isinstance(self.layout, EpochLayout):
+                settle(self.layout, w, pos)  # so the position says when this reader's epoch is done
             yield {"video": stack_channels_first(clips), "label": torch.tensor(labels, dtype=torch.long),
-                   "__pos__": json.loads(json.dumps(pos))}
+                   "keys": keys, "__pos__": json.loads(json.dumps(pos))}
+
+    def _clip(self, sample: dict, gen: torch.Generator) -> tuple[dict, list[torch.Tensor]]:
+        """Parse, decode, transform one sample; TransformError when the transform breaks its contract."""
+        data, meta = parse_sample(sample)
+        crops = self.transform(decode_clip(data, meta, self.cfg, gen), gen, meta)
+        t, s = self.cfg.num_frames, self.cfg.input_size
+        if len(crops) != self.cfg.num_sample or any(c.shape != (t, s, s, 3) or c.dtype != torch.uint8
+                                                    for c in crops):
+            got = [(tuple(c.shape), str(c.dtype)) for c in crops[:2]]
+            raise TransformError(f"transform must return num_sample={self.cfg.num_sample} uint8 crops of shape "
+                                 f"({t}, {s}, {s}, 3); got {len(crops)}: {got}")
+        return meta, crops
+
+    @staticmethod
+    def _corrupt(pos: dict, key: str, e: Exception) -> None:
+        pos["corrupt"] += 1
+        _remember(pos, f"{key}: {type(e).__name__}: {e}")
+        log.warning("skipped corrupt sample %s: %s", key, e)

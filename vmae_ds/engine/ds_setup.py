@@ -117,7 +117,17 @@ def build_engine(cfg: RunConfig, ds: dict, objective: Any) -> tuple[Any, list[st
         fused = on_cuda if o.fused is None else o.fused
         opt = torch.optim.AdamW(groups, lr=o.base_lr, betas=o.betas, eps=o.eps, fused=fused or None)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    move_buffers(engine.module, engine.device)
     return engine, lines
+
+
+def move_buffers(module: torch.nn.Module, device: torch.device) -> None:
+    """Buffers onto the engine's device, dtype kept. The position tables are made on the host (numpy: under
+    zero.Init torch constructors would cast them to bf16), and ZeRO-3 moves parameters, not buffers."""
+    for sub in module.modules():
+        for name, buf in sub._buffers.items():
+            if buf is not None and buf.device != device:
+                sub._buffers[name] = buf.to(device)
 
 
 def compile_blocks(model: torch.nn.Module) -> int:
