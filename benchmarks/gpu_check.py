@@ -103,7 +103,7 @@ def _engine(out: Path, name: str, budget: float, overrides: list[str], config: s
     run_dir = out / "runs" / name
     cmd = [sys.executable, "-m", "vmae_ds.pretrain", "--config", config, f"name={name}",
            f"output_dir={out / 'runs'}", "logging.every_steps=10", "logging.breakdown=true",
-           "logging.tensorboard=false", "checkpoint.every_steps=100000", *overrides]
+           "logging.tensorboard=false", "checkpoint.every_steps=100000", "checkpoint.at_end=false", *overrides]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     code, s = _run(cmd, budget, out / f"{name}.log", env)
     res = {"ok": code == 0, "seconds": s, "timed_out": code is None}

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,3 +137,29 @@ def shared_dir(tmp_path_factory, name: str, create: bool = True) -> Path:
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+SIZES = (7, 3, 11, 1)  # uneven shard sizes: splits at sample level are needed for exact epochs
+
+
+def uneven_shards(tmp_path_factory, sizes: tuple[int, ...] = SIZES) -> Path:
+    """Shards of the given sizes from the corpus' real H.264 clips, with an index.json (built once)."""
+    folder = shared_dir(tmp_path_factory, "uneven_" + "_".join(map(str, sizes)))
+    if (folder / "index.json").exists():
+        return folder
+    clips = [p.read_bytes() for p in make_corpus(shared_dir(tmp_path_factory, "data_corpus")).good]
+    entries, n = [], 0
+    for s, size in enumerate(sizes):
+        name = f"uneven-{s:06d}.tar"
+        with wds.TarWriter(str(folder / name), encoder=False) as w:
+            for i in range(size):
+                meta = {"source": "k710", "label": n % 3}
+                w.write({"__key__": f"s{s}_{i:02d}", "mp4": clips[n % len(clips)], "json": json.dumps(meta).encode()})
+                n += 1
+        entries.append({"file": name, "samples": size})
+    (folder / "index.json").write_text(json.dumps({"shards": entries}))
+    return folder
+
+
+def all_keys(sizes: tuple[int, ...] = SIZES) -> Counter:
+    return Counter(f"uneven-{s:06d}.tar/s{s}_{i:02d}" for s, size in enumerate(sizes) for i in range(size))

@@ -65,22 +65,23 @@ ENTRY = {"mae": "vmae_ds.pretrain", "umt": "vmae_ds.pretrain", "classify": "vmae
          "distill": "vmae_ds.finetune"}
 
 
-def launch_cmd(*args: str, script: str | None = None, entry: str = "mae") -> list[str]:
+def launch_cmd(*args: str, script: str | None = None, entry: str = "mae", ranks: int = 2) -> list[str]:
     target = [script] if script else ["--module", ENTRY[entry]]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
             str(free_port()), *target, *args]
 
 
-def start(*args: str, log: Path, script: str | None = None, entry: str = "mae") -> subprocess.Popen:
-    """Launch 2 CPU ranks in a new process group (so the test can kill all of them at once)."""
+def start(*args: str, log: Path, script: str | None = None, entry: str = "mae",
+          ranks: int = 2) -> subprocess.Popen:
+    """Launch CPU ranks (2 by default) in a new process group (so the test can kill all of them at once)."""
     f = open(log, "ab")
-    return subprocess.Popen(launch_cmd(*args, script=script, entry=entry), cwd=ROOT, env=env(), stdout=f,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(launch_cmd(*args, script=script, entry=entry, ranks=ranks), cwd=ROOT, env=env(),
+                            stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def run(*args: str, log: Path, timeout: float = 480, script: str | None = None,
-        entry: str = "mae") -> tuple[int, str]:
-    p = start(*args, log=log, script=script, entry=entry)
+        entry: str = "mae", ranks: int = 2) -> tuple[int, str]:
+    p = start(*args, log=log, script=script, entry=entry, ranks=ranks)
     try:
         code = p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

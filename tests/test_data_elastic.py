@@ -10,7 +10,8 @@ import random
 from collections import Counter
 
 import pytest
-from test_data_sampling import all_keys, cfg_for, endless, keys_of, loader_for, read_reader, uneven_shards
+from data_helpers import all_keys, uneven_shards
+from test_data_sampling import cfg_for, endless, keys_of, loader_for, read_reader
 
 from vmae_ds.data import LoaderStateError
 from vmae_ds.data.shards import EpochLayout, OldReader, deal, settle, turn_split, unread

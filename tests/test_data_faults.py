@@ -17,7 +17,8 @@ from types import SimpleNamespace
 import psutil
 import pytest
 import torch
-from test_data_sampling import all_keys, cfg_for, endless, loader_for, uneven_shards
+from data_helpers import all_keys, uneven_shards
+from test_data_sampling import cfg_for, endless, loader_for
 
 from vmae_ds.data import DataConfig, EvalLoader, PretrainLoader, SharedMemoryError, build_pretrain_loader
 

@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from data_helpers import build, make_corpus, shared_dir
-from test_data_sampling import all_keys, uneven_shards
+from data_helpers import all_keys, build, make_corpus, shared_dir, uneven_shards
 
 from vmae_ds.data import DataConfig, EvalLoader, build_finetune_loader
 

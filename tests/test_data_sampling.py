@@ -16,36 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from data_helpers import make_corpus, shared_dir
+from data_helpers import SIZES, all_keys, uneven_shards
 
 from vmae_ds.data import DataConfig, build_pretrain_loader, default_mask_fn, token_grid
 from vmae_ds.data.shards import EpochLayout, PassLayout, order_seed, piece_order, settle
 from vmae_ds.data.stream import initial_position
-
-SIZES = (7, 3, 11, 1)
-
-
-def uneven_shards(tmp_path_factory, sizes: tuple[int, ...] = SIZES) -> Path:
-    """Shards of the given sizes from the corpus' real H.264 clips, with an index.json (built once)."""
-    folder = shared_dir(tmp_path_factory, "uneven_" + "_".join(map(str, sizes)))
-    if (folder / "index.json").exists():
-        return folder
-    clips = [p.read_bytes() for p in make_corpus(shared_dir(tmp_path_factory, "data_corpus")).good]
-    entries, n = [], 0
-    for s, size in enumerate(sizes):
-        name = f"uneven-{s:06d}.tar"
-        with wds.TarWriter(str(folder / name), encoder=False) as w:
-            for i in range(size):
-                meta = {"source": "k710", "label": n % 3}
-                w.write({"__key__": f"s{s}_{i:02d}", "mp4": clips[n % len(clips)], "json": json.dumps(meta).encode()})
-                n += 1
-        entries.append({"file": name, "samples": size})
-    (folder / "index.json").write_text(json.dumps({"shards": entries}))
-    return folder
-
-
-def all_keys(sizes: tuple[int, ...] = SIZES) -> Counter:
-    return Counter(f"uneven-{s:06d}.tar/s{s}_{i:02d}" for s, size in enumerate(sizes) for i in range(size))
 
 
 def cfg_for(shards: Path, **kw) -> DataConfig:

@@ -7,6 +7,7 @@ DeepSpeed's own `latest` file can be written before all ranks are done, so resum
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -48,6 +49,10 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new pointer, never half
 
 
+META = "meta.json"
+UNIVERSAL = "universal"  # <checkpoints>/universal/<tag>/: a checkpoint converted for another world size
+
+
 def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict, rank_state: dict, config_yaml: str,
          keep_last: int) -> Path:
     """Collective: every rank must call it. Returns the checkpoint folder."""
@@ -59,12 +64,49 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict, rank_state:
     torch.save(rank_state, folder / f"rank_{rank:05d}.pt")
     if rank == 0:
         (folder / "config.yaml").write_text(config_yaml)
+        meta = {k: client_state[k] for k in ("world_size", "counters", "global_batch") if k in client_state}
+        meta["zero_stage"] = engine.zero_optimization_stage()
+        _write_atomic(folder / META, json.dumps(meta) + "\n")
     dist.barrier()  # all ranks' shards are on disk before the pointer moves
     if rank == 0:
         _write_atomic(ckpt_dir / POINTER, tag + "\n")
         prune(ckpt_dir, keep_last)
     dist.barrier()
     return folder
+
+
+def read_meta(folder: Path) -> dict:
+    """A checkpoint's world size, counters and ZeRO stage without loading any tensor (older checkpoints without
+    meta.json: the world size from their rank files)."""
+    try:
+        return json.loads((folder / META).read_text())
+    except FileNotFoundError:
+        return {"world_size": len(list(folder.glob("rank_*.pt")))}
+
+
+def rank_states(folder: Path) -> list[dict]:
+    """Every rank's state file of a checkpoint (loader positions, RNG): for a resume on another world size."""
+    files = sorted(folder.glob("rank_*.pt"))
+    return [torch.load(f, weights_only=False) for f in files]
+
+
+def universal_copy(folder: Path, rank: int) -> Path:
+    """Convert `folder` with DeepSpeed's universal-checkpoint tool (ZeRO-1/2/3 shards -> one file per parameter
+    with its optimizer moments), once, on rank 0; every rank then loads it with `load_universal`. Collective."""
+    out = folder.parent / UNIVERSAL / folder.name
+    if rank == 0 and not (out / "done").exists():
+        import argparse
+
+        from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+        shutil.rmtree(out, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        to_universal(argparse.Namespace(input_folder=str(folder), output_folder=str(out), num_extract_workers=2,
+                                        num_merge_workers=2, keep_temp_folder=False, strict=True,
+                                        inject_missing_state=True))
+        (out / "done").write_text("")
+    dist.barrier()
+    return out
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:
@@ -76,9 +118,13 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints (never an in-progress one)."""
+    """Delete all but the newest `keep_last` complete checkpoints (never an in-progress one), and universal
+    copies of checkpoints that are gone."""
     for tag in complete_tags(ckpt_dir)[:-keep_last]:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    for copy in (ckpt_dir / UNIVERSAL).glob("step_*"):
+        if not (ckpt_dir / copy.name).is_dir():
+            shutil.rmtree(copy, ignore_errors=True)
 
 
 def read_pointer(ckpt_dir: Path) -> str | None:
@@ -106,11 +152,15 @@ def resolve_resume(arg: str | None, ckpt_dir: Path) -> Path | None:
     return path
 
 
-def load(engine: Any, folder: Path) -> tuple[dict, dict]:
-    """Collective. Restores model/optimizer; returns (client_state, this rank's state)."""
-    _, client = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+def load(engine: Any, folder: Path, universal: Path | None = None) -> tuple[dict, dict | None]:
+    """Collective. Restores model/optimizer; returns (client_state, this rank's state). With `universal` (the
+    converted copy, for another world size) the model and optimizer come from it and the rank state is None."""
+    src = universal if universal is not None else folder
+    _, client = engine.load_checkpoint(str(src.parent), tag=src.name)
     if client is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint {folder}")
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {src}")
+    if universal is not None:
+        return client, None
     rank_file = folder / f"rank_{dist.get_rank():05d}.pt"
     if not rank_file.exists():
         raise RuntimeError(f"{rank_file} missing: was the checkpoint written with a different world size?")

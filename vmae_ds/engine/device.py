@@ -37,8 +37,9 @@ class Prefetcher:
         self.source, self.to_device, self.device = source, to_device, device
         self.loader_state = loader_state
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._pending: tuple[dict, dict] | None = None  # (batch on device, loader state before it)
+        self._pending: tuple[dict, dict, list | None] | None = None  # (device batch, loader state before, keys)
         self.wait_s = 0.0
+        self.last_keys: list | None = None  # the sample keys of the batch `next` returned last
 
     def preload(self) -> None:
         if self._pending is not None:
@@ -47,15 +48,16 @@ class Prefetcher:
         t0 = time.perf_counter()
         raw = next(self.source)
         self.wait_s += time.perf_counter() - t0
+        keys = raw.get("keys")
         if self.stream is None:
-            self._pending = (self.to_device(raw), state)
+            self._pending = (self.to_device(raw), state, keys)
             return
         with torch.cuda.stream(self.stream):
-            self._pending = (self.to_device(raw), state)
+            self._pending = (self.to_device(raw), state, keys)
 
     def next(self) -> dict:
         self.preload()
-        batch, _ = self._pending
+        batch, _, self.last_keys = self._pending
         self._pending = None
         if self.stream is not None:
             current = torch.cuda.current_stream(self.device)

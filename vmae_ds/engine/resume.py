@@ -6,7 +6,8 @@ from __future__ import annotations
 # options, the data's location and loader settings (the loader checks its own state)
 RESUME_FREE = {"name", "output_dir", "deepspeed_config", "optim.max_steps", "activation_checkpointing",
                "checkpoint", "logging", "debug", "max_consecutive_nonfinite", "data.shards", "speed",
-               "optim.fused", "finetune.eval", "finetune.init", "finetune.init_head_map"}
+               "optim.fused", "optim.grad_accum", "finetune.eval", "finetune.init", "finetune.init_head_map",
+               "finetune.init_fresh_head"}
 
 
 def resume_conflicts(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -90,6 +90,7 @@ class ActivationCheckpointing(Strict):
 class CheckpointConfig(Strict):
     every_steps: int = Field(1000, gt=0)
     keep_last: int = Field(3, gt=0)
+    at_end: bool = Field(True, description="save at the last step (benchmarks turn it off)")
 
 
 class LoggingConfig(Strict):
@@ -115,6 +116,8 @@ class DebugConfig(Strict):
                                 "(gives kill / pre-emption tests a long step to hit)")
     sleep_steps: list[int] = Field(default_factory=list, description="1-based steps that sleep (default: all)")
     dump_gathered: str | None = Field(None, description="torch.save the gathered fp32 params here at the end")
+    log_keys: bool = Field(False, description="append every consumed batch's sample keys to "
+                           "<run>/keys.rank<r>.jsonl (coverage audits)")
     decode_faults: dict[str, Literal["crash", "hang"]] = Field(
         default_factory=dict, description="sample key -> crash | hang: the loader's decoder misbehaves on it")
 

@@ -32,6 +32,7 @@ from .launch import init_process_group, portable_config, set_rank_threads, singl
 from .metrics import PEAK_BF16_FLOPS, MetricsWriter, detect_device_name, peak_memory_gib, progress_line, say
 from .optim import Derived, derive, lr_at
 from .preemption import Preemption
+from .quarantine import read_quarantine, write_quarantine
 from .resume import resume_conflicts
 from .run_config import RunConfig
 
@@ -115,10 +116,15 @@ def train(cfg: RunConfig, resume: str | None, objective: Any) -> int:
         raise RunStopped(f"error: {e}", 2) from None
     loader = objective.build_loader(rank, world)
     d, ds = prepare(cfg, loader)
+    meta = ckpt.read_meta(folder) if folder is not None else {}
+    elastic = folder is not None and meta.get("world_size") != world
+    if elastic:  # ZeRO shards of another world size: DeepSpeed's universal format re-partitions them
+        ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
     on_cpu = get_accelerator().device_name() == "cpu"
     workers = (cfg.shards_config().num_workers if cfg.data.kind == "shards" else 0)
     set_rank_threads(on_cpu, workers)
     host_group = init_process_group(on_cpu)
+    universal = ckpt.universal_copy(folder, rank) if elastic else None
     config_yaml = yaml.safe_dump(portable_config(cfg), sort_keys=False)
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +133,8 @@ def train(cfg: RunConfig, resume: str | None, objective: Any) -> int:
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
         for line in d.lines(cfg.optim.base_lr):
             say(line)
+        if getattr(loader, "memory_line", None):
+            say(loader.memory_line)
     engine, lines = build_engine(cfg, ds, objective)
     device = engine.device
     lines += objective.setup(device)
@@ -136,7 +144,7 @@ def train(cfg: RunConfig, resume: str | None, objective: Any) -> int:
 
     state = Counters()
     if folder is not None:
-        state = _restore(engine, folder, cfg, world, loader, objective, rank, ckpt_dir)
+        state = _restore(engine, folder, cfg, world, loader, objective, rank, ckpt_dir, d, universal)
     else:
         if rank == 0 and resume == "auto":
             say(f"--resume auto: no complete checkpoint in {ckpt_dir}, starting fresh")
@@ -159,27 +167,40 @@ def seed_everything(seed: int) -> None:
 
 
 def _restore(engine: Any, folder: Path, cfg: RunConfig, world: int, loader: Any, objective: Any, rank: int,
-             ckpt_dir: Path) -> Counters:
-    client, rank_state = ckpt.load(engine, folder)
-    if client["world_size"] != world:
-        raise RunStopped(f"{folder} was written by {client['world_size']} ranks, this run has {world}: "
-                         f"exact resume needs the same world size", 2)
+             ckpt_dir: Path, d: Derived, universal: Path | None) -> Counters:
+    from ..data.loader import LoaderStateError
+
+    client, rank_state = ckpt.load(engine, folder, universal)
     changed = resume_conflicts(client.get("config", {}), cfg.model_dump(mode="json"))
     if changed:
         raise RunStopped(f"{folder} was trained with different settings: {', '.join(changed)}; "
                          f"resume with the run's own config (runs/<name>/config.yaml) or start a new run", 2)
     counters = client["counters"]
+    old_world, old_batch = client["world_size"], client.get("global_batch", d.global_batch)
     state = Counters(step=counters["step"], batches=counters["batches"], nonfinite_total=counters["nonfinite_total"],
-                     videos=counters.get("videos", counters["step"] * cfg.optim.batch_size * world
-                                          * cfg.optim.grad_accum))
+                     videos=counters.get("videos", counters["step"] * old_batch))
+    lines = []
     try:
-        loader.load_state_dict(rank_state["loader"])
-    except ValueError as e:
+        if universal is None:
+            lines = loader.load_state_dict(rank_state["loader"]) or []
+            objective.load_state_dict(rank_state.get("objective", {}))
+            ckpt.set_rng_state(rank_state["rng"])
+        else:
+            lines = loader.load_elastic([r["loader"] for r in ckpt.rank_states(folder)])
+            # the old ranks' RNG streams do not map onto the new ones: fresh, but still a function of the run
+            seed_everything(cfg.seed + rank + 7919 * state.step)
+    except (LoaderStateError, ValueError) as e:
         raise RunStopped(f"{folder}: the data loader cannot continue from it: {e}", 2) from None
-    objective.load_state_dict(rank_state.get("objective", {}))
-    ckpt.set_rng_state(rank_state["rng"])
     if rank == 0:
         say(f"resumed from {folder} at step {state.step}")
+        if universal is not None or old_batch != d.global_batch:
+            lr = lr_at(state.videos / d.global_batch, d)
+            say(f"elastic resume: world size {old_world} -> {world}, global batch {old_batch} -> {d.global_batch} "
+                f"videos; the lr schedule continues at {state.videos} videos seen (lr {lr:.4g})"
+                + (f"; ZeRO states re-partitioned from DeepSpeed's universal copy {universal}" if universal else ""))
+        for line in lines:
+            if line and "exact resume" not in line:
+                say(line)
         latest = ckpt.read_pointer(ckpt_dir) or ""
         for stale in ckpt_dir.glob("step_*"):  # newer than the pointer = half-written by a killed run
             if stale.name > latest:
@@ -196,7 +217,10 @@ class _Loop:
         self.state, self.rank, self.world, self.run_dir = state, rank, world, run_dir
         self.config_yaml, self.host_group, self.last_ckpt = config_yaml, host_group, last_ckpt
         self.ckpt_dir = run_dir / "checkpoints"
-        self.stop_at = min(d.total_steps, cfg.optim.max_steps or d.total_steps)
+        # the schedule runs on videos seen, so a resume on another world size ends where the recipe ends
+        self.stop_videos = d.total_steps * d.global_batch
+        left = -(-(self.stop_videos - state.videos) // d.global_batch)
+        self.stop_at = min(state.step + max(left, 0), cfg.optim.max_steps or 1 << 62)
         flops = objective.flops_per_sample()
         self.model_flops, self.teacher_flops = flops["model"], flops.get("teacher", 0.0)
         dev_name = cfg.logging.device_name or detect_device_name()
@@ -205,6 +229,8 @@ class _Loop:
             from deepspeed.accelerator import get_accelerator
             say(f"MFU: n/a (no peak-FLOPs entry for device {dev_name or get_accelerator().device_name()})")
         self.metrics = MetricsWriter(run_dir, rank == 0, cfg.logging.tensorboard, state.step)
+        self.quarantine_written = read_quarantine(run_dir)
+        self.keys_log = open(run_dir / f"keys.rank{rank}.jsonl", "a") if cfg.debug.log_keys else None
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, prefetch: Prefetcher) -> None:
@@ -253,6 +279,9 @@ class _Loop:
                     batch = prefetch.next()
                     timer.mark("data")
                     state.batches += 1
+                    if self.keys_log is not None:  # test audit: which clips every step consumed
+                        self.keys_log.write(json.dumps({"batch": state.batches, "keys": prefetch.last_keys}) + "\n")
+                        self.keys_log.flush()
                     loss, extra = self.objective.loss(engine, batch)
                     if state.batches in nan_batches and self.rank == 0:
                         loss = loss * float("nan")  # test hook: rank 0 only; the ranks must still agree
@@ -293,7 +322,7 @@ class _Loop:
                             "epoch": (state.videos - 1) // self.videos_per_epoch()}, losses, extras)
                 if step % cfg.logging.every_steps == 0 or step == self.stop_at or step == first_step:
                     self.flush(window, timer, first=step == first_step)
-                if step % cfg.checkpoint.every_steps == 0 or step == self.stop_at:
+                if step % cfg.checkpoint.every_steps == 0 or (step == self.stop_at and cfg.checkpoint.at_end):
                     if window.steps:  # records of a checkpointed step are on disk before the checkpoint
                         self.flush(window, timer, first=False, quiet=True)
                     self.save(prefetch)
@@ -316,6 +345,8 @@ class _Loop:
             return e.code
         finally:
             self.metrics.close()
+            if self.keys_log is not None:
+                self.keys_log.close()
             shutdown(self.loader, synced=not in_step)
 
     def flush(self, window: Window, timer: StepTimer, first: bool, quiet: bool = False) -> None:
@@ -384,11 +415,16 @@ class _Loop:
         bad = torch.tensor([float(st.get("corrupt_samples", 0))])
         dist.all_reduce(bad, group=self.host_group)
         out: dict = {"data_skipped": int(bad.item())}
-        mine = {"crashed": list(st.get("crashed", [])), "hung": list(st.get("hung", []))}
+        mine = {"crashed": list(st.get("crashed", [])), "hung": list(st.get("hung", [])),
+                "quarantine": list(st.get("quarantine", []))}
         every: list[dict] = [{} for _ in range(self.world)]
         dist.all_gather_object(every, mine, group=self.host_group)
         for kind in ("crashed", "hung"):
             out[f"data_{kind}"] = sorted({k for m in every for k in m[kind]})
+        quarantine = sorted({k for m in every for k in m["quarantine"]})
+        if self.rank == 0 and quarantine and quarantine != self.quarantine_written:
+            write_quarantine(self.run_dir, quarantine)
+            self.quarantine_written = quarantine
         return out
 
 

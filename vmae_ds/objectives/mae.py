@@ -73,5 +73,15 @@ class MAEObjective(Objective):
 
 
 def loader_extras(cfg: Any) -> dict:
-    """Keyword arguments of the shard loaders that come from the run rather than data.shards."""
-    return {"fault_keys": dict(cfg.debug.decode_faults)} if cfg.debug.decode_faults else {}
+    """Keyword arguments of the shard loaders that come from the run rather than data.shards: the clips this
+    run has quarantined (a decoder crashed or hung on them; kept in the run folder, so no resume replays
+    them, whatever checkpoint it starts from) and the test-only decoder faults."""
+    from ..engine.quarantine import read_quarantine
+
+    extras: dict = {}
+    quarantine = read_quarantine(cfg.run_dir)
+    if quarantine:
+        extras["quarantine"] = quarantine
+    if cfg.debug.decode_faults:
+        extras["fault_keys"] = dict(cfg.debug.decode_faults)
+    return extras
