@@ -12,6 +12,8 @@ clips per CPU-second: fair on a shared or small machine.
 
     python -m benchmarks.loader_bench                      # makes synthetic 320p shards first
     python -m benchmarks.loader_bench --shards DIR --workers 8 --batches 50
+    python -m benchmarks.loader_bench --synth-size 720x1280 --reencode   # 720p sources: original bytes vs
+                                                                          # shards built with --reencode
 """
 
 from __future__ import annotations
@@ -101,15 +103,22 @@ def measure(batches: Iterator, n: int, warmup: int, batch_size: int) -> dict:
             "cores_used": cpu / wall, "clips_per_core_s": clips / cpu}
 
 
-def synth_shards(folder: Path, clips: int, size: tuple[int, int], frames: int) -> Path:
+def synth_shards(folder: Path, clips: int, size: tuple[int, int], frames: int, reencode: bool = False,
+                 workers: int = 1) -> Path:
+    """Synthetic H.264 clips of `size` in `folder/videos` (made once), built into `folder/shards` (original
+    bytes) or `folder/shards_reencoded` (`vmae-shards build --reencode`: short side 320, keyframe every 16)."""
     from data_tools.build import build_shards
+    from data_tools.clipcheck import ClipSettings
     from data_tools.manifest import scan_folder, write_manifest
     from data_tools.synth import make_videos
 
-    make_videos(folder / "videos", clips, frames=frames, size=size, fps=25)
-    write_manifest(scan_folder(folder / "videos", source="k710"), folder / "m.jsonl")
-    build_shards(folder / "m.jsonl", folder / "shards", shard_size=8, workers=1, progress=False)
-    return folder / "shards"
+    if not (folder / "m.jsonl").exists():
+        make_videos(folder / "videos", clips, frames=frames, size=size, fps=25)
+        write_manifest(scan_folder(folder / "videos", source="k710"), folder / "m.jsonl")
+    out = folder / ("shards_reencoded" if reencode else "shards")
+    build_shards(folder / "m.jsonl", out, shard_size=8, workers=workers, progress=False,
+                 clip=ClipSettings(reencode=reencode))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,62 +137,84 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=20, help="timed batches per pipeline (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first (default 3)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is shown (default 3)")
+    p.add_argument("--reencode", action="store_true", help="synthetic clips: also build them with --reencode and "
+                   "measure both pipelines on both shard sets (original bytes vs re-encoded 320p, keyframe 16)")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        shards, label = a.shards, a.shards
-        if shards is None:
+        sets: list[tuple[str, str]] = []
+        if a.shards is None:
             h, w = (int(x) for x in a.synth_size.split("x"))
             print(f"making {a.synth_clips} synthetic {h}x{w} clips of {a.synth_frames} frames ...", flush=True)
-            shards = str(synth_shards(Path(tmp), a.synth_clips, (h, w), a.synth_frames))
+            sets.append((f"original {h}x{w}", str(synth_shards(Path(tmp), a.synth_clips, (h, w), a.synth_frames,
+                                                              workers=max(1, a.workers)))))
+            if a.reencode:
+                sets.append(("--reencode 320p", str(synth_shards(Path(tmp), a.synth_clips, (h, w), a.synth_frames,
+                                                                 reencode=True, workers=max(1, a.workers)))))
             label = f"synthetic: {a.synth_clips} H.264 clips {h}x{w}, {a.synth_frames} frames"
-        cfg = DataConfig(shards=shards, num_frames=a.num_frames, input_size=a.input_size,
-                         num_sample=a.num_sample, num_workers=a.workers, pin_memory=False)
-        try:
-            urls, _ = resolve_shards(shards)
-        except ShardSpecError as e:  # a typo'd --shards: one line, not a traceback
-            print(f"{p.prog}: error: --{e}", file=sys.stderr)
-            return 2
-
-        def run_ours() -> dict:
-            loader = build_pretrain_loader(cfg, batch_size=a.batch_size, rank=0, world_size=1, seed=0,
-                                           mask_fn=default_mask_fn(token_grid(cfg)))
+        else:
+            if a.reencode:
+                print(f"{p.prog}: error: --reencode builds from synthetic clips; build your own with "
+                      f"`vmae-shards build --reencode` and pass each with --shards", file=sys.stderr)
+                return 2
+            sets.append((a.shards, a.shards))
+            label = a.shards
+        results: dict[str, dict] = {}
+        for name, shards in sets:
             try:
-                return measure(iter(loader), a.batches, a.warmup, a.batch_size)
-            finally:
-                loader.close()
+                urls, _ = resolve_shards(shards)
+            except ShardSpecError as e:  # a typo'd --shards: one line, not a traceback
+                print(f"{p.prog}: error: --{e}", file=sys.stderr)
+                return 2
+            cfg = DataConfig(shards=shards, num_frames=a.num_frames, input_size=a.input_size,
+                             num_sample=a.num_sample, num_workers=a.workers, pin_memory=False)
+            for pipeline, stats in _rounds(cfg, urls, a).items():
+                results[f"{pipeline}, {name}" if len(sets) > 1 else pipeline] = stats
 
-        def run_reference() -> dict:
-            ref = DataLoader(ReferenceStream(urls, cfg, seed=0), batch_size=a.batch_size // a.num_sample,
-                             num_workers=a.workers, collate_fn=_collate, persistent_workers=a.workers > 0,
-                             prefetch_factor=2 if a.workers else None)
-            it = iter(ref)
-            try:
-                return measure(it, a.batches, a.warmup, a.batch_size)
-            finally:
-                it._shutdown_workers()  # no idle workers left to blur the next round's CPU count
-
-        # Alternate the two pipelines, then take each one's median round: load from other jobs on a
-        # shared machine then hits both alike.
-        rounds: dict[str, list[dict]] = {"ours (uint8, batched crops)": [], "reference (authors' way)": []}
-        for _ in range(a.rounds):
-            rounds["ours (uint8, batched crops)"].append(run_ours())
-            rounds["reference (authors' way)"].append(run_reference())
-        results = {name: sorted(rs, key=lambda r: r["clips_per_core_s"])[len(rs) // 2] for name, rs in rounds.items()}
-
-    base = results["reference (authors' way)"]
+    base = next(r for k, r in results.items() if k.startswith("reference"))
     print(f"\nshards ({label}): {a.num_frames} frames x {a.input_size}px, num_sample {a.num_sample}, "
           f"batch {a.batch_size}, {a.workers} workers, {a.batches} timed batches x {a.rounds} rounds (median), "
-          f"host CPUs {psutil.cpu_count()}; clips = samples after repetition")
-    print(f"| {'pipeline':<28} | clips/s | CPU cores used | clips/s per core | ratio per core |")
-    print(f"|{'-' * 30}|---------|----------------|------------------|----------------|")
+          f"host CPUs {psutil.cpu_count()}; clips = samples after repetition; ratio: clips per CPU-second over "
+          f"the reference on the original bytes")
+    width = max(28, *(len(k) for k in results))
+    print(f"| {'pipeline':<{width}} | clips/s | CPU cores used | clips/s per core | ratio per core |")
+    print(f"|{'-' * (width + 2)}|---------|----------------|------------------|----------------|")
     for name, r in results.items():
-        print(f"| {name:<28} | {r['clips_per_s']:7.1f} | {r['cores_used']:14.2f} | {r['clips_per_core_s']:16.1f} |"
+        print(f"| {name:<{width}} | {r['clips_per_s']:7.1f} | {r['cores_used']:14.2f} | {r['clips_per_core_s']:16.1f} |"
               f" {r['clips_per_core_s'] / base['clips_per_core_s']:13.2f}x |")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     return 0
+
+
+def _rounds(cfg: DataConfig, urls: list[str], a: argparse.Namespace) -> dict[str, dict]:
+    """Both pipelines on one shard set, alternated for `a.rounds` rounds: each one's median round (load from
+    other jobs on a shared machine then hits both alike)."""
+
+    def run_ours() -> dict:
+        loader = build_pretrain_loader(cfg, batch_size=a.batch_size, rank=0, world_size=1, seed=0,
+                                       mask_fn=default_mask_fn(token_grid(cfg)))
+        try:
+            return measure(iter(loader), a.batches, a.warmup, a.batch_size)
+        finally:
+            loader.close()
+
+    def run_reference() -> dict:
+        ref = DataLoader(ReferenceStream(urls, cfg, seed=0), batch_size=a.batch_size // a.num_sample,
+                         num_workers=a.workers, collate_fn=_collate, persistent_workers=a.workers > 0,
+                         prefetch_factor=2 if a.workers else None)
+        it = iter(ref)
+        try:
+            return measure(it, a.batches, a.warmup, a.batch_size)
+        finally:
+            it._shutdown_workers()  # no idle workers left to blur the next round's CPU count
+
+    rounds: dict[str, list[dict]] = {"ours (uint8, batched crops)": [], "reference (authors' way)": []}
+    for _ in range(a.rounds):
+        rounds["ours (uint8, batched crops)"].append(run_ours())
+        rounds["reference (authors' way)"].append(run_reference())
+    return {name: sorted(rs, key=lambda r: r["clips_per_core_s"])[len(rs) // 2] for name, rs in rounds.items()}
 
 
 if __name__ == "__main__":

@@ -76,3 +76,17 @@ def test_zero3_bf16_first_step_matches_plain_model(tmp_path):
     r = json.loads((tmp_path / "out.json").read_text())
     assert 0 < r["loss"] < 4 and r["loss"] == pytest.approx(r["ref_loss"], rel=1e-2)
     assert r["applied"]
+
+
+def test_sparse_segment_sampling_takes_one_frame_per_segment():
+    from vmae_ds.data.transforms import eval_segment_indices, segment_indices
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        idx = segment_indices(10, 90, 8, g)  # 80 frames: segments of 10
+        assert [i // 10 for i in idx] == list(range(1, 9)) and idx == sorted(idx)
+    assert segment_indices(0, 80, 8, None) == [4, 14, 24, 34, 44, 54, 64, 74]  # test time: the middles
+    short = segment_indices(0, 3, 8, g)  # a clip shorter than the frames: repeats, never past the end
+    assert len(short) == 8 and max(short) <= 2 and short == sorted(short)
+    views = eval_segment_indices(0, 80, 8, 2)
+    assert len(views) == 2 and views[0] != views[1] and all(len(v) == 8 for v in views)

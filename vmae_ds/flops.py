@@ -185,6 +185,28 @@ def _paper_line(label: str, spec: ModelSpec, paper: tuple[float, float], decoder
             f"{(v2 - paper[1]) / 1e9:+.2f} G")
 
 
+def umt_table() -> str:
+    """One training step per clip, GFLOPs: UMT (8 frames, tubelet 1, 80 % masked, 6 aligned layers) vs
+    VideoMAE V2 dual masking (16 frames, 90 % / running cell 50 %)."""
+    from .models.clip_teacher import get_clip_spec
+    from .objectives.umt import umt_flops
+
+    rows = ["| run | student | teacher | student fwd+bwd | teacher fwd | total per clip |",
+            "|---|---|---|---|---|---|"]
+    for label, student, teacher in (("UMT-B", "B", "clip_b16"), ("UMT-L", "L", "clip_l14")):
+        spec = get_spec(student, num_frames=8, tubelet_size=1)
+        t = get_clip_spec(teacher)
+        size = spec.img_size // spec.patch_size * t.patch_size
+        f = umt_flops(spec, t, size, 6, 0.8)
+        total = (f["model"] + f["teacher"]) / 1e9
+        rows.append(f"| {label} | ViT-{student}/16, 8 x 224, tubelet 1 | {teacher} at {size} px x 8 frames | "
+                    f"{f['model'] / 1e9:.0f} G | {f['teacher'] / 1e9:.0f} G | {total:.0f} G |")
+    for label, size in (("VideoMAE V2 B", "B"), ("VideoMAE V2 g", "g")):
+        f = train_step_flops(get_spec(size)).total
+        rows.append(f"| {label} | ViT-{size}, 16 x 224, dual masking | none | {f / 1e9:.0f} G | 0 | {f / 1e9:.0f} G |")
+    return "\n".join(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="vmae-flops",
@@ -205,7 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--decoder-ratio", type=float, default=0.5, choices=RUNNING_CELL_RATIOS,
                    help="running-cell decoder mask ratio (default: 0.5)")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
+    p.add_argument("--umt", action="store_true", help="per-clip training cost of UMT-B / UMT-L (student fwd+bwd, "
+                   "CLIP teacher fwd) next to VideoMAE V2 pretraining of B and g")
     args = p.parse_args(argv)
+    if args.umt:
+        print(umt_table())
+        return 0
 
     overrides = {k: v for k, v in (("num_frames", args.frames), ("img_size", args.img_size)) if v is not None}
     try:

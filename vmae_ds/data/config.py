@@ -15,7 +15,11 @@ class DataConfig(BaseModel):
     shards: str = Field(description="brace pattern ('d/shard-{000000..000099}.tar'), a folder of .tar "
                         "shards, or the index.json written by vmae-shards build")
     num_frames: int = Field(16, ge=1, description="frames per clip")
-    sampling_rate: int = Field(4, ge=1, description="temporal stride between sampled frames")
+    sampling: Literal["stride", "segments"] = Field(
+        "stride", description="stride: num_frames frames sampling_rate apart from a random start (VideoMAE); "
+        "segments: the window cut into num_frames equal segments, one frame from each (random in training, the "
+        "middle at test time; TSN / UMT's sparse sampling, the whole clip whatever its length)")
+    sampling_rate: int = Field(4, ge=1, description="temporal stride between sampled frames (sampling: stride)")
     source_sampling_rate: dict[str, int] = Field(default_factory=lambda: {"ssv2": 2},
                                                  description="stride per source, overrides sampling_rate")
     input_size: int = Field(224, ge=8, description="crop size after the multi-scale crop and resize")

@@ -13,7 +13,7 @@ from vmae_ds.data.decode import DecodeError, open_video
 from vmae_ds.data.loader import PretrainLoader, WorkerSupervisor
 from vmae_ds.data.shards import EpochLayout, resolve_shards, shard_name
 from vmae_ds.data.stream import InFlight, Transform, initial_position, log, parse_sample, read_indexed
-from vmae_ds.data.transforms import eval_indices, spatial_views, to_tchw
+from vmae_ds.data.transforms import eval_indices, eval_segment_indices, spatial_views, to_tchw
 
 
 def build_finetune_loader(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int,
@@ -49,8 +49,11 @@ class _EvalStream(IterableDataset):
         end = min(int(meta.get("frame_end", reader.num_frames)), reader.num_frames)
         if end <= start:
             raise DecodeError(f"empty frame window [{start}, {end})")
-        stride = self.cfg.stride_for(str(meta.get("source", "")))
-        clips = eval_indices(start, end, self.cfg.num_frames, stride, self.num_clips)
+        if self.cfg.sampling == "segments":
+            clips = eval_segment_indices(start, end, self.cfg.num_frames, self.num_clips)
+        else:
+            stride = self.cfg.stride_for(str(meta.get("source", "")))
+            clips = eval_indices(start, end, self.cfg.num_frames, stride, self.num_clips)
         uniq = sorted({i for c in clips for i in c})
         frames = to_tchw(reader.get(uniq))
         views = [v for c in clips for v in spatial_views(frames[[uniq.index(i) for i in c]],

@@ -43,6 +43,7 @@ from vmae_ds.data.shards import (
 from vmae_ds.data.transforms import (
     crop_resize_thwc,
     multiscale_crop_box,
+    segment_indices,
     stack_channels_first,
     to_tchw,
     train_indices,
@@ -239,7 +240,10 @@ def decode_clip(data: bytes, meta: dict, cfg: DataConfig, gen: torch.Generator) 
     end = min(int(meta.get("frame_end", reader.num_frames)), reader.num_frames)
     if end <= start:
         raise DecodeError(f"empty frame window [{start}, {end})")
-    idx = train_indices(start, end, cfg.num_frames, cfg.stride_for(str(meta.get("source", ""))), gen)
+    if cfg.sampling == "segments":
+        idx = segment_indices(start, end, cfg.num_frames, gen)
+    else:
+        idx = train_indices(start, end, cfg.num_frames, cfg.stride_for(str(meta.get("source", ""))), gen)
     uniq = sorted(set(idx))
     frames = to_tchw(reader.get(uniq))
     if len(uniq) != len(idx):  # clamped clips repeat their last frame

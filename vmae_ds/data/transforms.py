@@ -31,6 +31,31 @@ def train_indices(start: int, end: int, num_frames: int, stride: int, gen: torch
     return clip_indices(start, end, num_frames, stride, _randint(max(end - start - span + 1, 1), gen))
 
 
+def segment_indices(start: int, end: int, num_frames: int, gen: torch.Generator | None) -> list[int]:
+    """Sparse sampling: [start, end) cut into num_frames equal segments, one frame from each (a random one
+    with `gen`, the middle one without). Frames repeat when the window is shorter than num_frames."""
+    length, last = max(end - start, 1), max(end - 1, start)
+    out = []
+    for i in range(num_frames):
+        lo = start + length * i // num_frames
+        hi = max(start + length * (i + 1) // num_frames, lo + 1)  # every segment holds at least one frame
+        pick = _randint(hi - lo, gen) if gen is not None else (hi - lo - 1) // 2
+        out.append(min(lo + pick, last))
+    return out
+
+
+def eval_segment_indices(start: int, end: int, num_frames: int, num_clips: int) -> list[list[int]]:
+    """Test-time views of sparse sampling: num_clips evenly shifted offsets within every segment."""
+    length = max(end - start, 1)
+    seg = length / num_frames
+    clips = []
+    for c in range(num_clips):
+        frac = (c + 0.5) / num_clips
+        clips.append([min(start + int(seg * i + seg * frac), end - 1 if end > start else start)
+                      for i in range(num_frames)])
+    return clips
+
+
 def eval_indices(start: int, end: int, num_frames: int, stride: int, num_clips: int) -> list[list[int]]:
     """num_clips evenly spaced clips over the window (test-time temporal views)."""
     span = (num_frames - 1) * stride + 1
