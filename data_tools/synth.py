@@ -68,11 +68,12 @@ def read_stamp(frame: np.ndarray) -> int:
 def _frame(rng_params: np.ndarray, t: int, h: int, w: int, start: tuple[float, float] | None = None) -> np.ndarray:
     """A drifting colour gradient plus a square moving on a straight line: learnable motion.
 
-    `start` (x, y) of the square; default (w/4, h/4), and the square then wraps around the frame."""
+    `start` (x, y) of the square; default (w/4, h/4), and the square then wraps around the frame. With a
+    start (the motion classes) the gradient stands still: the square's run is the only motion."""
     fx, fy, vx, vy, r, g, b, size = rng_params
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     img = np.empty((h, w, 3), np.float32)
-    phase = t * 0.15
+    phase = t * 0.15 if start is None else 0.0
     img[..., 0] = 127 + 100 * np.sin(xx * fx + phase)
     img[..., 1] = 127 + 100 * np.sin(yy * fy - phase)
     img[..., 2] = 127 + 100 * np.sin((xx + yy) * 0.05 + phase * 0.5)
@@ -80,6 +81,8 @@ def _frame(rng_params: np.ndarray, t: int, h: int, w: int, start: tuple[float, f
     sx, sy = start if start is not None else (w / 4, h / 4)
     x0 = int((sx + vx * t) % (w - s + (1 if start is not None else 0)))
     y0 = int((sy + vy * t) % (h - s + (1 if start is not None else 0)))
+    if start is not None:  # motion classes: a dark frame around the square keeps it visible on any background
+        img[max(y0 - 2, 0):y0 + s + 2, max(x0 - 2, 0):x0 + s + 2] = 0
     img[y0:y0 + s, x0:x0 + s] = (r, g, b)
     return img.clip(0, 255).astype(np.uint8)
 
@@ -110,7 +113,7 @@ def write_video(path: Path, frames: int, size: tuple[int, int], fps: int, seed: 
     if motion is not None:
         dx, dy = MOTIONS[motion]
         side = int(params[7])
-        travel_x, travel_y = (w - side) * rng.uniform(0.5, 0.9), (h - side) * rng.uniform(0.5, 0.9)
+        travel_x, travel_y = (w - side) * rng.uniform(0.75, 1.0), (h - side) * rng.uniform(0.75, 1.0)
         params[2], params[3] = dx * travel_x / max(frames - 1, 1), dy * travel_y / max(frames - 1, 1)
         # start so that the run stays inside: the room left over is spread at random
         sx = rng.uniform(0, w - side - abs(dx) * travel_x) + (travel_x if dx < 0 else 0)

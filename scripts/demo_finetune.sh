@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${DEMO_OUT:-demo_ft_out}
-PER_CLASS=${PER_CLASS:-40}
+PER_CLASS=${PER_CLASS:-120}
 if [ -z "${DS_ACCELERATOR:-}" ] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   export DS_ACCELERATOR=cpu
 fi
@@ -32,14 +32,14 @@ step "1/8 labelled clips: 4 motion classes x $PER_CLASS train + 12 held-out each
 for split in train val; do
   "$PY" -m data_tools manifest "$OUT/videos/$split" --out "$OUT/$split.jsonl" --labels-from-dirs
   "$PY" -m data_tools build --manifest "$OUT/$split.jsonl" --out "$OUT/shards/$split" --workers 2 \
-      --shard-size 20 --shuffle-seed 0 --quiet | head -1
+      --shard-size 20 --shuffle-seed 0 --quiet | grep -E "^written"
 done
 echo "label map: $(cat "$OUT/shards/train/labels.json")"
 
 step "2/8 a short MAE pretraining of vit_tiny_debug (dual masking, ZeRO-3, 2 ranks)"
 launch vmae_ds.pretrain --config configs/pretrain/debug_cpu.yaml "${common[@]}" name=pretrain model.num_frames=8 \
     data.kind=shards "data.shards.shards=$OUT/shards/train" data.shards.sampling_rate=2 data.shards.num_workers=1 \
-    optim.epochs=12 logging.every_steps=30 | grep -E "^step|^done"
+    optim.epochs=2 logging.every_steps=60 | grep -E "^step|^done"
 "$PY" -m vmae_ds.export "$OUT/runs/pretrain" "$OUT/pretrain.safetensors" | quiet
 
 step "3/8 fine-tuning from the pretrained weights (ZeRO-2, layer decay, mixup, RandAugment, erasing; no flips)"
@@ -56,7 +56,7 @@ step "5/8 distillation into a smaller student (1 block instead of 2): KL to the 
 launch vmae_ds.finetune --config configs/finetune/debug_cpu.yaml "${common[@]}" name=student objective=distill \
     model.depth=1 "data.shards.shards=$OUT/shards/train" "finetune.eval.shards=$OUT/shards/val" \
     "distill.teacher.model=vit_tiny_debug" "distill.teacher.weights=$OUT/classifier.safetensors" \
-    distill.teacher.num_frames=8 distill.temperature=2.0 distill.hard_label_weight=0.5 optim.epochs=20 \
+    distill.teacher.num_frames=8 distill.temperature=2.0 distill.hard_label_weight=0.5 optim.epochs=40 \
     | grep -E "^teacher|^step|^eval|^done"
 "$PY" -m vmae_ds.evaluate "$OUT/runs/student" --shards "$OUT/shards/val" --workers 1 --out "$OUT/eval_student" \
     --agree-with "$OUT/eval_teacher/predictions.jsonl"

@@ -35,7 +35,7 @@ step "2/5 labelled motion clips -> shards"
 "$PY" -m data_tools synth --out "$OUT/videos" --motion-classes 4 --n 16 --frames 16 --size 64x64
 "$PY" -m data_tools manifest "$OUT/videos" --out "$OUT/videos.jsonl" --labels-from-dirs
 "$PY" -m data_tools build --manifest "$OUT/videos.jsonl" --out "$OUT/shards" --workers 2 --shard-size 16 \
-    --shuffle-seed 0 --quiet | head -1
+    --shuffle-seed 0 --quiet | grep -E "^written"
 
 umt=(--config configs/pretrain/umt_debug_cpu.yaml name=umt "output_dir=$OUT/runs"
      "umt.teacher.path=$OUT/clip_tiny_openai.pt" "data.shards.shards=$OUT/shards" optim.epochs=$((STEPS / 8)))
