@@ -97,3 +97,18 @@ def test_vmae_finetune_starts_from_the_authors_checkpoint(tmp_path):
     assert code == 0, log[-3000:]
     assert f"initial weights: {tmp_path / 'ft.pth'} [videomae-finetune (in 'module')]" in log
     assert "head: from the checkpoint" in log and "done: 2 steps" in log
+
+    # the run exports to a transformers folder that predicts what the trained classifier predicts
+    import transformers
+
+    from vmae_ds.export import consolidate, find_checkpoint
+    from vmae_ds.export import main as export_main
+
+    assert export_main([str(tmp_path / "runs" / "ft"), str(tmp_path / "hf"), "--format", "hf"]) == 0
+    hf = transformers.VideoMAEForVideoClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    ours = create_classifier("vit_tiny_debug", 4)
+    ours.load_state_dict(consolidate(find_checkpoint(tmp_path / "runs" / "ft")))
+    video = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=video.transpose(1, 2)).logits, ours.eval()(video),
+                                   atol=1e-4, rtol=1e-4)
