@@ -195,8 +195,12 @@ def _rounds(cfg: DataConfig, urls: list[str], a: argparse.Namespace) -> dict[str
     def run_ours() -> dict:
         loader = build_pretrain_loader(cfg, batch_size=a.batch_size, rank=0, world_size=1, seed=0,
                                        mask_fn=default_mask_fn(token_grid(cfg)))
+        def endless() -> Iterator[dict]:  # exact epochs end; the stream itself runs on
+            while True:
+                yield from loader
+
         try:
-            return measure(iter(loader), a.batches, a.warmup, a.batch_size)
+            return measure(endless(), a.batches, a.warmup, a.batch_size)
         finally:
             loader.close()
 

@@ -10,20 +10,10 @@
 #   DEMO_OUT=/tmp/d bash scripts/demo_finetune.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
 OUT=${DEMO_OUT:-demo_ft_out}
 PER_CLASS=${PER_CLASS:-120}
-if [ -z "${DS_ACCELERATOR:-}" ] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  export DS_ACCELERATOR=cpu
-fi
-rm -rf "$OUT" && mkdir -p "$OUT"
-step() { printf '\n== %s\n' "$*"; }
+source scripts/demo_common.sh
 t0=$(date +%s)
-quiet() { grep -vE "^\[20..-..-.. ..:..:..,...\] \[(INFO|WARNING)\]|FutureWarning|UserWarning|return func\(|No CUDA runtime|built successfully|kaiming|warnings.warn|^Processing zero|^Parsing checkpoint|^Detected checkpoint|^Reconstructed|it/s\]" || true; }
-launch() {  # ENTRY CONFIG args...: 2 ranks
-  local entry=$1; shift
-  "$PY" -m deepspeed.launcher.runner --num_gpus 2 --master_port "${MASTER_PORT:-29541}" --module "$entry" "$@" 2>&1 | quiet
-}
 common=("output_dir=$OUT/runs")
 
 step "1/8 labelled clips: 4 motion classes x $PER_CLASS train + 12 held-out each (H.264, built in)"

@@ -7,20 +7,10 @@
 #   make demo-umt                     (or: bash scripts/demo_umt.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
 OUT=${DEMO_OUT:-demo_umt_out}
 STEPS=${STEPS:-80}
-if [ -z "${DS_ACCELERATOR:-}" ] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  export DS_ACCELERATOR=cpu
-fi
-rm -rf "$OUT" && mkdir -p "$OUT"
-step() { printf '\n== %s\n' "$*"; }
+source scripts/demo_common.sh
 t0=$(date +%s)
-quiet() { grep -vE "^\[20..-..-.. ..:..:..,...\] \[(INFO|WARNING)\]|FutureWarning|UserWarning|return func\(|No CUDA runtime|built successfully|kaiming|warnings.warn|^Processing zero|^Parsing checkpoint|^Detected checkpoint|^Reconstructed|it/s\]" || true; }
-launch() {
-  local entry=$1; shift
-  "$PY" -m deepspeed.launcher.runner --num_gpus 2 --master_port "${MASTER_PORT:-29551}" --module "$entry" "$@" 2>&1 | quiet
-}
 
 step "1/5 a tiny CLIP-shaped teacher: random weights in OpenAI's key layout (conv1, transformer.resblocks.*, proj)"
 "$PY" - "$OUT/clip_tiny_openai.pt" <<'PYEOF'

@@ -8,9 +8,11 @@ and, up to 50 classes, confusion.png.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
+
+from .engine.entry import leave
+from .engine.launch import inference_setup
 
 EPILOG = """\
 examples:
@@ -141,12 +143,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .objectives.classify import class_names_of, eval_data_config
 
     model, num_classes, settings, torch = build_model(args)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
+    rank, world, device, dtype = inference_setup(args.dtype)
     model = model.to(device=device, dtype=dtype)
     data = eval_data_config(settings["data"], settings["shards"], args.workers, model.num_frames, model.img_size)
     loader = EvalLoader(data, batch_size=settings["batch"], rank=rank, world_size=world,
@@ -175,10 +172,7 @@ def preds_top1(preds) -> dict[int, int]:
 
 
 def cli() -> None:
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    leave(main())
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ import re
 import sys
 from pathlib import Path
 
+from .engine.entry import leave
+from .engine.launch import inference_setup
+
 EPILOG = """\
 examples:
   vmae-extract weights/vitg_k710.safetensors --model g --videos /data/thumos/videos --out feats/thumos \\
@@ -144,12 +147,7 @@ def _extract(args: argparse.Namespace, decode_error: type) -> int:
         raise ExtractError("--stride, --sampling-rate and --batch must be >= 1")
     model = load_encoder(args)
     videos = video_list(args.videos)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
+    rank, world, device, dtype = inference_setup(args.dtype)
     model = model.to(device=device, dtype=dtype)
     stats = pixel_stats(device)
     out = Path(args.out)
@@ -209,10 +207,7 @@ def _extract(args: argparse.Namespace, decode_error: type) -> int:
 
 
 def cli() -> None:
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    leave(main())
 
 
 if __name__ == "__main__":

@@ -116,3 +116,16 @@ def portable_config(cfg: Any) -> dict:
     if d.get("umt"):
         d["umt"]["teacher"]["path"] = absolute(d["umt"]["teacher"]["path"])
     return d
+
+
+def inference_setup(dtype_name: str | None) -> tuple[int, int, torch.device, torch.dtype]:
+    """For the inference tools (vmae-eval, vmae-extract): (rank, world, device, dtype) from the launcher's
+    variables (one process without them), the process group when there are several ranks, and bf16 on a GPU /
+    fp32 on the CPU unless `dtype_name` says otherwise."""
+    rank, world = world_from_env()
+    cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name or ("bf16" if cuda else "fp32")]
+    return rank, world, device, dtype

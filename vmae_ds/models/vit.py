@@ -154,36 +154,17 @@ class VideoDecoder(nn.Module):
         return self.head(self.norm(x[:, -num_out:]))
 
 
-def _init_pretrain(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Conv3d):
-        module.reset_parameters()
-    elif isinstance(module, Attention):
-        nn.init.zeros_(module.q_bias)
-        nn.init.zeros_(module.v_bias)
-
-
-def _default_init(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        module.reset_parameters()
-
-
 def trunc_normal_std_(tensor: torch.Tensor, std: float) -> torch.Tensor:
     """Normal(0, std) truncated at +-1 std, as the authors' `trunc_normal_` wrapper calls timm's (a=-std, b=std);
     timm's own default truncates at +-2 absolute, which for std 0.02 is no truncation at all."""
     return trunc_normal_(tensor, std=std, a=-std, b=std)
 
 
-def _init_finetune(module: nn.Module) -> None:
-    """The authors' fine-tuning init: Linear trunc-normal(.02), LayerNorm 1/0 (the Conv3d keeps its default)."""
+def _init_module(module: nn.Module, linear_weight: Callable[[torch.Tensor], object]) -> None:
+    """The authors' per-module init: Linear weight as given with zero bias, LayerNorm 1/0, q/v biases 0, the
+    Conv3d patch embedding PyTorch's default."""
     if isinstance(module, nn.Linear):
-        trunc_normal_std_(module.weight, 0.02)
+        linear_weight(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
@@ -194,6 +175,21 @@ def _init_finetune(module: nn.Module) -> None:
     elif isinstance(module, Attention):
         nn.init.zeros_(module.q_bias)
         nn.init.zeros_(module.v_bias)
+
+
+def _init_pretrain(module: nn.Module) -> None:
+    """Pretraining: xavier-uniform Linears."""
+    _init_module(module, nn.init.xavier_uniform_)
+
+
+def _init_finetune(module: nn.Module) -> None:
+    """Fine-tuning: trunc-normal(.02) Linears, cut at +-1 std."""
+    _init_module(module, lambda w: trunc_normal_std_(w, 0.02))
+
+
+def _default_init(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        module.reset_parameters()
 
 
 class PretrainVideoMAE(nn.Module):
