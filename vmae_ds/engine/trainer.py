@@ -316,8 +316,8 @@ class _Loop:
                 consecutive = 0
                 state.step = step = step + 1
                 state.videos += self.d.global_batch
-                gn = engine.get_global_grad_norm()
-                window.add({"step": step, "lr": lr, "grad_norm": float(gn) if gn is not None else None,
+                gn = engine.get_global_grad_norm()  # a device tensor under ZeRO: read back with the window
+                window.add({"step": step, "lr": lr, "grad_norm": gn.detach() if torch.is_tensor(gn) else gn,
                             "wait": prefetch.wait_s - wait0, "nonfinite_total": state.nonfinite_total,
                             "epoch": (state.videos - 1) // self.videos_per_epoch()}, losses, extras)
                 if step % cfg.logging.every_steps == 0 or step == self.stop_at or step == first_step:
@@ -360,8 +360,9 @@ class _Loop:
         recs = []
         for (info, losses, extras), (dt, split) in zip(read, times):
             clips_s = d.samples_per_step / dt
+            gn = info["grad_norm"]
             rec = {"step": info["step"], "epoch": info["epoch"], "loss": sum(losses) / len(losses), "lr": info["lr"],
-                   "grad_norm": info["grad_norm"], "step_time": dt, "clips_per_s": clips_s,
+                   "grad_norm": None if gn is None else float(gn), "step_time": dt, "clips_per_s": clips_s,
                    "data_wait": min(1.0, info["wait"] / dt), "peak_mem_gib": mem, "peak_reserved_gib": reserved,
                    "mem_kind": mem_kind, "mfu": self.mfu(clips_s, self.model_flops),
                    "nonfinite_total": info["nonfinite_total"]}
