@@ -58,18 +58,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _run_config(path: Path):
-    """The run config of a run folder or a checkpoint folder, or None for a weights file."""
-    import yaml
-
-    from .engine.run_config import RunConfig
-
-    for cand in (path / "config.yaml", path.parent.parent / "config.yaml" if path.name.startswith("step_") else None):
-        if cand is not None and cand.is_file():
-            return RunConfig.model_validate(yaml.safe_load(cand.read_text()))
-    return None
-
-
 def build_model(args: argparse.Namespace):
     """(classifier with weights, settings dict): from a run folder or from a weights file + flags."""
     import torch
@@ -80,7 +68,9 @@ def build_model(args: argparse.Namespace):
     path = Path(args.weights)
     if not path.exists():
         raise EvalSetupError(f"{path}: no such run folder or weights file")
-    cfg = _run_config(path) if path.is_dir() else None
+    from .export import run_config_of
+
+    cfg = run_config_of(path) if path.is_dir() else None
     sizes = {k: v for k, v in (("num_frames", args.frames), ("img_size", args.img_size),
                                ("tubelet_size", args.tubelet)) if v is not None}
     if cfg is not None:

@@ -77,6 +77,15 @@ def export(run_or_ckpt: str | Path, out: str | Path, fmt: str = "safetensors") -
     return out
 
 
+def run_config_of(path: str | Path):
+    """The run config saved with the newest complete checkpoint of a run folder (or with one checkpoint
+    folder); None for anything else (a weights file, an HF folder)."""
+    try:
+        return _config_of(find_checkpoint(path))
+    except FileNotFoundError:
+        return None
+
+
 def _config_of(folder: Path):
     """The run config saved with a checkpoint (None for checkpoints written before configs were saved)."""
     path = folder / "config.yaml"

@@ -65,9 +65,9 @@ def load_encoder(args: argparse.Namespace):
     if not path.exists():
         raise ExtractError(f"{path}: no such run folder or weights file")
     sizes = {k: v for k, v in (("num_frames", args.frames), ("img_size", args.img_size)) if v is not None}
-    from .evaluate import _run_config
+    from .export import run_config_of
 
-    cfg = _run_config(path) if path.is_dir() else None
+    cfg = run_config_of(path) if path.is_dir() else None
     if cfg is not None:
         from .export import consolidate, find_checkpoint
 

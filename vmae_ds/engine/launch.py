@@ -97,24 +97,16 @@ def portable_config(cfg: Any) -> dict:
         local = isinstance(path, str) and "://" not in path and not path.startswith("pipe:")
         return str(Path.cwd() / path) if local and not Path(path).is_absolute() else path
 
-    shards = d["data"].get("shards") or {}
-    if "shards" in shards:
-        shards["shards"] = absolute(shards["shards"])
-    for section, keys in (("finetune", ("init",)), ("distill", ())):
-        for key in keys:
-            if d.get(section) and d[section].get(key):
-                d[section][key] = absolute(d[section][key])
-    if d.get("finetune"):
-        ev = d["finetune"]["eval"]
-        if ev.get("shards"):
-            ev["shards"] = absolute(ev["shards"])
-        hm = d["finetune"].get("init_head_map")
-        if hm:
-            hm.update({k: absolute(v) for k, v in hm.items()})
-    if d.get("distill"):
-        d["distill"]["teacher"]["weights"] = absolute(d["distill"]["teacher"]["weights"])
-    if d.get("umt"):
-        d["umt"]["teacher"]["path"] = absolute(d["umt"]["teacher"]["path"])
+    # every field that names a local file or folder, as (section path, key)
+    fields = [(("data", "shards"), "shards"), (("finetune",), "init"), (("finetune", "eval"), "shards"),
+              (("finetune", "init_head_map"), "source_classes"), (("finetune", "init_head_map"), "target_classes"),
+              (("distill", "teacher"), "weights"), (("umt", "teacher"), "path")]
+    for where, key in fields:
+        node: Any = d
+        for part in where:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(key):
+            node[key] = absolute(node[key])
     return d
 
 

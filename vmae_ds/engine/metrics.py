@@ -61,7 +61,7 @@ def model_flops_per_clip(cfg: Any) -> float:
     spec = cfg.model.spec()
     m = cfg.masks
     return float(train_step_flops(spec, decoder_mode=m.decoder, encoder_ratio=m.encoder_ratio,
-                                  decoder_ratio=m.decoder_ratio).total)
+                                  decoder_ratio=m.decoder_ratio, encoder_mask=m.encoder).total)
 
 
 class MetricsWriter:

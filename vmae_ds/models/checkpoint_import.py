@@ -219,7 +219,7 @@ def _canonical(sd: dict[str, torch.Tensor], adapted: list[str]) -> tuple[dict[st
         out = {("encoder." + k if k.startswith(enc) else k): v for k, v in sd.items()}
         kind = "videomae-finetune" if "head.weight" in sd else "videomae-encoder"
     else:
-        raise CheckpointError(f"no VideoMAE patch embedding found; first keys: {_show(sorted(sd))}")
+        raise CheckpointError(f"no VideoMAE patch embedding found; first keys: {show_keys(sorted(sd))}")
     # a model built without q/v biases (qkv_bias=False) saves none: the equivalent is zeros
     if not any(k.endswith(("attn.q_bias", "attn.v_bias")) for k in out):
         for k in [k for k in out if k.endswith("attn.qkv.weight")]:
@@ -237,14 +237,14 @@ def read_canonical(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
 
 # ---------------------------------------------------------------- fitting to the target
 
-def _show(keys: list[str]) -> str:
-    """Keys grouped over block indices (`blocks.*.x (x12)`), at most _SHOW groups."""
+def show_keys(keys: list[str], limit: int = _SHOW) -> str:
+    """Keys grouped over block indices (`blocks.*.x (x12)`), at most `limit` groups (for one-line errors)."""
     groups: dict[str, int] = {}
     for k in keys:
         g = re.sub(r"\.\d+\.", ".*.", k)
         groups[g] = groups.get(g, 0) + 1
-    shown = [g if n == 1 else f"{g} (x{n})" for g, n in list(groups.items())[:_SHOW]]
-    more = len(groups) - _SHOW
+    shown = [g if n == 1 else f"{g} (x{n})" for g, n in list(groups.items())[:limit]]
+    more = len(groups) - limit
     return ", ".join(shown) + (f", ... and {more} more" if more > 0 else "")
 
 
@@ -357,9 +357,9 @@ def _load(model: nn.Module, path: str | Path, strict: bool, inflate_patch_embed:
     mismatch = [k for k in sd if k in own and sd[k].shape != own[k].shape]
     problems = []
     if missing:
-        problems.append(f"missing ({len(missing)}): {_show(missing)}")
+        problems.append(f"missing ({len(missing)}): {show_keys(missing)}")
     if unexpected:
-        problems.append(f"unexpected ({len(unexpected)}): {_show(unexpected)}")
+        problems.append(f"unexpected ({len(unexpected)}): {show_keys(unexpected)}")
     if mismatch:
         shown = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatch[:_SHOW]]
         problems.append(f"shape mismatch ({len(mismatch)}): " + "; ".join(shown)

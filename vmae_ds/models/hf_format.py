@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 from safetensors.torch import save_file
 
+from .checkpoint_import import show_keys
 from .registry import ModelSpec
 from .vit import PretrainVideoMAE, VideoClassifier
 
@@ -201,7 +202,7 @@ def _check_state_dict(sd: dict[str, torch.Tensor], spec: ModelSpec, kind: Kind, 
     missing = [k for k in want if k not in sd]
     unexpected = [k for k in sd if k not in want]
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(want[k])}" for k in want if k in sd and sd[k].shape != want[k]]
-    problems = [f"{what} ({len(keys)}): {_show(keys)}"
+    problems = [f"{what} ({len(keys)}): {show_keys(keys, _SHOW)}"
                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape, got vs spec", shapes))
                 if keys]
     other = {"pretrain": ("classifier", "patch_embed.proj.weight"),
@@ -212,12 +213,3 @@ def _check_state_dict(sd: dict[str, torch.Tensor], spec: ModelSpec, kind: Kind, 
         raise HFExportError(f"state dict does not fit a {kind} of this spec: {'; '.join(problems)}")
 
 
-def _show(items: list[str]) -> str:
-    """Items grouped over block indices (`blocks.*.x (x12)`), at most _SHOW groups."""
-    groups: dict[str, int] = {}
-    for k in items:
-        g = re.sub(r"\.\d+\.", ".*.", k)
-        groups[g] = groups.get(g, 0) + 1
-    shown = [g if n == 1 else f"{g} (x{n})" for g, n in list(groups.items())[:_SHOW]]
-    more = len(groups) - _SHOW
-    return ", ".join(shown) + (f", ... and {more} more" if more > 0 else "")

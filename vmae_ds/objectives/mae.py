@@ -64,12 +64,9 @@ class MAEObjective(Objective):
         return reconstruction_loss(pred, target, sel), {}
 
     def flops_per_sample(self) -> dict[str, float]:
-        from ..flops import train_step_flops
+        from ..engine.metrics import model_flops_per_clip
 
-        m = self.cfg.masks
-        return {"model": float(train_step_flops(self.cfg.model.spec(), decoder_mode=m.decoder,
-                                                 encoder_ratio=m.encoder_ratio, decoder_ratio=m.decoder_ratio,
-                                                 encoder_mask=m.encoder).total)}
+        return {"model": model_flops_per_clip(self.cfg)}
 
 
 def loader_extras(cfg: Any) -> dict:
