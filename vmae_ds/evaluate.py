@@ -92,8 +92,7 @@ def build_model(args: argparse.Namespace):
         settings = {"shards": args.shards or ev.shards, "clips": args.clips or ev.num_clips,
                     "crops": args.crops or ev.num_crops, "batch": args.batch or ev.batch_size,
                     "data": cfg.shards_config().model_dump() if cfg.data.kind == "shards" else {},
-                    "out": args.out or str((path if (path / "config.yaml").is_file() else path.parent.parent)
-                                           / "eval")}
+                    "out": args.out or str((path.parent.parent if path.name.startswith("step_") else path) / "eval")}
     else:
         if not args.model:
             raise EvalSetupError(f"{path}: a weights file: give --model (S, B, L, H, g, or a registry name)")
