@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -105,28 +106,96 @@ def _engine(out: Path, name: str, budget: float, overrides: list[str], config: s
            f"output_dir={out / 'runs'}", "logging.every_steps=10", "logging.breakdown=true",
            "logging.tensorboard=false", "checkpoint.every_steps=100000", "checkpoint.at_end=false", *overrides]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    code, s = _run(cmd, budget, out / f"{name}.log", env)
+    log = out / f"{name}.log"
+    code, s = _run(cmd, budget, log, env)
     res = {"ok": code == 0, "seconds": s, "timed_out": code is None}
+    text = log.read_text(errors="replace") if log.exists() else ""
+    ready = re.search(r"engine ready in ([0-9.]+) s", text)
+    if ready:
+        res["startup_s"] = float(ready.group(1))
+    if code not in (0, None):  # the reason in one line (an out-of-memory, a config error, ...)
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        res["error"] = next((ln for ln in reversed(lines) if "Error" in ln or "error:" in ln), lines[-1:] or "?")
     if (run_dir / "metrics.jsonl").exists():
         res.update(_metrics(run_dir, skip))
+    split = res.get("split") or {}
+    if res.get("mfu") and split.get("forward", 0) + split.get("backward", 0) > 0:
+        # the same FLOPs over the forward + backward time only: what the optimizer phase costs, as a number
+        res["mfu_fwd_bwd"] = res["mfu"] / (split["forward"] + split["backward"])
     return res
 
 
 SMOKE = ["model.name=vit_tiny_debug", "masks.encoder_ratio=0.75", "model.attention=sdpa"]
+RECIPES = {"g": "configs/pretrain/vit_giant_hybrid.yaml", "B": "configs/pretrain/vit_base_hybrid.yaml"}
+# ckpt none first: on a 141 GB card ViT-g's 128 samples fit without recompute (0.46 GiB of saved activations a
+# sample by the bench's fake-tensor count, 59 GiB, plus 16 GiB of weights, gradients and AdamW state at one rank);
+# the recipe's every-block checkpointing (0.044 GiB a sample) is what 80 GB cards need
+ENGINE_RUNS = ("g:2:none", "g:2:full", "g:3:full", "B:2:none")
 
 
-def stage_engine(out: Path, budget: float, steps: int, batch: int, smoke: bool = False) -> dict:
-    common = ["data.kind=synthetic", "data.synthetic.num_videos=64", f"optim.max_steps={steps}",
-              f"optim.batch_size={batch}"] + (SMOKE if smoke else [])
-    recipe = "configs/pretrain/vit_giant_hybrid.yaml"
-    return {stage: _engine(out, f"g_{stage}", budget / 2, [f"deepspeed_config=ds_configs/{stage}.json", *common],
-                           recipe) for stage in ("zero2", "zero3")}
+# options after SIZE:STAGE:CKPT, each one change against the defaults, so its effect is a ratio of two runs
+RUN_OPTIONS = {"compile": ["speed.compile=true"], "unfused": ["optim.fused=false"],
+               "dschecks": ["speed.fused_grad_checks=false"], "fp32comm": []}
+
+
+def parse_run(spec: str) -> tuple[str, list[str], dict]:
+    """'SIZE:STAGE:CKPT[:OPTION...]' -> (name, run-config overrides, DeepSpeed JSON additions).
+
+    CKPT: none | full | selN (the first N encoder blocks). OPTION: compile (torch.compile the blocks), unfused
+    (AdamW without the fused kernel), dschecks (DeepSpeed's per-tensor gradient checks), fp32comm (gradients
+    reduced in fp32: DeepSpeed's communication_data_type)."""
+    parts = spec.split(":")
+    if len(parts) < 3 or parts[0] not in RECIPES or parts[1] not in ("1", "2", "3"):
+        raise argparse.ArgumentTypeError(f"engine run {spec!r}: expected SIZE:STAGE:CKPT[:OPTION...] with SIZE in "
+                                         f"{sorted(RECIPES)}, STAGE 1/2/3, CKPT none/full/selN, e.g. g:2:none")
+    size, stage, ckpt, *options = parts
+    over = [f"deepspeed_config=ds_configs/zero{stage}.json"]
+    if ckpt in ("none", "full"):
+        over.append(f"activation_checkpointing.mode={ckpt}")
+    elif ckpt.startswith("sel") and ckpt[3:].isdigit() and int(ckpt[3:]) > 0:
+        over += ["activation_checkpointing.mode=selective", f"activation_checkpointing.num_blocks={ckpt[3:]}"]
+    else:
+        raise argparse.ArgumentTypeError(f"engine run {spec!r}: CKPT must be none, full or selN (N >= 1)")
+    for opt in options:
+        if opt not in RUN_OPTIONS:
+            raise argparse.ArgumentTypeError(f"engine run {spec!r}: unknown option {opt!r} (known: "
+                                             f"{', '.join(RUN_OPTIONS)})")
+        over += RUN_OPTIONS[opt]
+    ds_extra = {"communication_data_type": "fp32"} if "fp32comm" in options else {}
+    return spec.replace(":", "_"), over, ds_extra
+
+
+def _run_spec(spec: str) -> str:
+    parse_run(spec)  # a typo fails here, in one line, before any stage runs
+    return spec
+
+
+def stage_engine(out: Path, budget: float, steps: int, batch: int, runs: tuple[str, ...] = ENGINE_RUNS,
+                 smoke: bool = False) -> dict:
+    """Each run under the engine on synthetic clips held in memory; the budget split evenly."""
+    results, t0 = {}, time.time()
+    for i, spec in enumerate(runs):
+        name, over, ds_extra = parse_run(spec)
+        size = spec.split(":")[0]
+        if ds_extra:  # the stage's JSON plus the option, written next to the report
+            from vmae_ds.engine.ds_setup import load_ds_json
+
+            stage_json = next(o.split("=", 1)[1] for o in over if o.startswith("deepspeed_config="))
+            path = out / f"{name}.ds.json"
+            path.write_text(json.dumps({**load_ds_json(ROOT / stage_json), **ds_extra}, indent=1))
+            over = [o for o in over if not o.startswith("deepspeed_config=")] + [f"deepspeed_config={path}"]
+        common = ["data.kind=synthetic", "data.synthetic.num_videos=64", f"optim.max_steps={steps}",
+                  *([f"optim.batch_size={batch}"] if size == "g" else []), *(SMOKE if smoke else [])]
+        share = (budget - (time.time() - t0)) / (len(runs) - i)
+        results[spec] = _engine(out, name, share, [*over, *common], RECIPES[size])
+    return results
 
 
 def stage_authors(out: Path, budget: float, batch: int, steps: int, smoke: bool = False) -> dict:
     extra = ["--model", "debug", "--device", "cpu"] if smoke else ["--model", "g"]
     code, s = _run([sys.executable, "-m", "benchmarks.authors_step", *extra, "--batch", str(batch),
-                    "--steps", str(steps), "--out", str(out / "authors.json")], budget, out / "authors.log")
+                    "--steps", str(steps), "--warmup", "1", "--out", str(out / "authors.json")], budget,
+                   out / "authors.log")
     res = {"ok": code == 0, "seconds": s, "timed_out": code is None}
     if (out / "authors.json").exists():
         res.update(json.loads((out / "authors.json").read_text()))
@@ -170,40 +239,61 @@ def stage_loader(out: Path, budget: float, steps: int, smoke: bool = False) -> d
 
 
 def table(results: dict) -> str:
-    rows = ["| check | result | clips/s | MFU | peak / reserved GiB | notes |", "|---|---|---|---|---|---|"]
-    results = {k: v for k, v in results.items()}
-    for name in ("tests", "bench", "engine", "authors", "umt", "loader"):
-        results.setdefault(name, {"ok": None})
+    rows = ["| check | result | clips/s | MFU (fwd+bwd only) | peak / reserved GiB | start-up s | notes |",
+            "|---|---|---|---|---|---|---|"]
 
     def fmt(x: float | None, pct: bool = False) -> str:
         return "n/a" if x is None else (f"{x * 100:.1f}%" if pct else f"{x:.1f}")
 
+    def engine_row(label: str, e: dict, notes: str) -> str:
+        mfu = fmt(e.get("mfu"), True) + (f" ({fmt(e['mfu_fwd_bwd'], True)})" if e.get("mfu_fwd_bwd") else "")
+        return (f"| {label} | {_status(e)} | {fmt(e.get('clips_per_s'))} | {mfu} | {fmt(e.get('peak_gib'))} / "
+                f"{fmt(e.get('reserved_gib'))} | {fmt(e.get('startup_s'))} | {notes} |")
+
     t = results.get("tests", {})
-    rows.append(f"| gpu tests | {_status(t, 'pass')} | | | | {t.get('summary', '')} |")
+    rows.append(f"| gpu tests | {_status(t, 'pass')} | | | | | {t.get('summary', '')} |")
     b = results.get("bench", {})
-    rows.append(f"| vmae-bench B, g | {_status(b, 'done')} | | | | report {b.get('report')} |")
-    for stage in ("zero2", "zero3"):
-        e = results.get("engine", {}).get(stage, {})
-        split = " ".join(f"{k} {v * 100:.0f}%" for k, v in e.get("split", {}).items())
-        rows.append(f"| ViT-g engine {stage} bf16 | {_status(e)} | {fmt(e.get('clips_per_s'))} | "
-                    f"{fmt(e.get('mfu'), True)} | {fmt(e.get('peak_gib'))} / {fmt(e.get('reserved_gib'))} | {split} |")
+    rows.append(f"| vmae-bench B, g | {_status(b, 'done')} | | | | | report {b.get('report')} |")
+    engine = results.get("engine", {})
+    for spec, e in engine.items():
+        size, stage, ckpt, *extra = spec.split(":")
+        split = " ".join(f"{k} {v * 100:.0f}%" for k, v in e.get("split", {}).items() if k != "data")
+        label = f"ViT-{size} ZeRO-{stage} bf16, ckpt {ckpt}" + "".join(f", {x}" for x in extra)
+        rows.append(engine_row(label, e, split + (f"; {e['error']}" if e.get("error") else "")))
     a = results.get("authors", {})
-    rows.append(f"| ViT-g authors' config | {_status(a)} | {fmt(a.get('clips_per_s'))} | | "
-                f"{fmt(a.get('peak_gib'))} | fp16 autocast, math attention, every block checkpointed |")
-    best = max((results.get("engine", {}).get(s, {}).get("clips_per_s") or 0) for s in ("zero2", "zero3"))
-    if best and a.get("clips_per_s"):
-        rows.append(f"| speedup vs authors | {best / a['clips_per_s']:.2f}x | | | | target "
-                    f">= {TARGETS['g_speedup']}x |")
+    rows.append(f"| ViT-g authors' config | {_status(a)} | {fmt(a.get('clips_per_s'))} | | {fmt(a.get('peak_gib'))} "
+                f"| | fp16 autocast, math attention, every block checkpointed |")
     u = results.get("umt", {})
-    rows.append(f"| UMT-B engine | {_status(u)} | {fmt(u.get('clips_per_s'))} | "
-                f"{fmt(u.get('mfu'), True)} | {fmt(u.get('peak_gib'))} | MFU with teacher "
-                f"{fmt(u.get('mfu_with_teacher'), True)} |")
+    rows.append(engine_row("UMT-B ZeRO-2 bf16", u, f"MFU with teacher {fmt(u.get('mfu_with_teacher'), True)}"))
     ld = results.get("loader", {})
     wait = ld.get("data_wait")
-    rows.append(f"| ViT-B on real shards | {_status(ld)} | {fmt(ld.get('clips_per_s'))} | "
-                f"{fmt(ld.get('mfu'), True)} | {fmt(ld.get('peak_gib'))} | {ld.get('workers')} workers, data wait "
-                f"{'n/a' if wait is None else f'{wait * 100:.0f}%'} |")
+    rows.append(engine_row("ViT-B on real shards", ld, f"{ld.get('workers')} workers, data wait "
+                                                       f"{'n/a' if wait is None else f'{wait * 100:.0f}%'}"))
+    rows += ["", *targets(results)]
     return "\n".join(rows)
+
+
+def targets(results: dict) -> list[str]:
+    """The issue's targets next to the best measured run of each."""
+    engine = results.get("engine", {})
+
+    def best(size: str, key: str) -> float | None:
+        vals = [e.get(key) for spec, e in engine.items() if spec.startswith(f"{size}:") and e.get(key)]
+        return max(vals) if vals else None
+
+    g_mfu, b_mfu, g_clips = best("g", "mfu"), best("B", "mfu"), best("g", "clips_per_s")
+    authors = results.get("authors", {}).get("clips_per_s")
+    speedup = g_clips / authors if g_clips and authors else None
+
+    def line(what: str, got: float | None, want: float, unit: str) -> str:
+        show = (lambda x: f"{x * 100:.1f}%") if unit == "%" else (lambda x: f"{x:.2f}x")
+        if got is None:
+            return f"- {what}: not measured (target {show(want)})"
+        return f"- {what}: {show(got)} ({'meets' if got >= want else 'below'} the target {show(want)})"
+
+    return [line("ViT-g MFU, best run", g_mfu, TARGETS["g_mfu"], "%"),
+            line("ViT-B MFU, best run", b_mfu, TARGETS["b_mfu"], "%"),
+            line("ViT-g clips/s over the authors' configuration", speedup, TARGETS["g_speedup"], "x")]
 
 
 def _status(stage: dict, ok: str = "ok") -> str:
@@ -221,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="run only these stages")
     p.add_argument("--g-batch", type=int, default=32, help="ViT-g clips per micro-step (x num_sample 4)")
     p.add_argument("--steps", type=int, default=15, help="engine steps per run (the first 5 are warm-up)")
+    p.add_argument("--runs", nargs="+", type=_run_spec, default=list(ENGINE_RUNS), metavar="SIZE:STAGE:CKPT",
+                   help="engine runs, SIZE g or B, ZeRO STAGE 1/2/3, CKPT none / full / selN (the first N encoder "
+                   f"blocks), then options: {', '.join(RUN_OPTIONS)} (see parse_run); default: "
+                   f"{' '.join(ENGINE_RUNS)}")
     p.add_argument("--smoke", action="store_true", help="developers: every stage with tiny models on the CPU, to "
                    "check this script itself before a GPU is lent")
     args = p.parse_args(argv)
@@ -235,13 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke)"
     start, results = time.time(), {"device": device, "torch": torch.__version__}
     sm = args.smoke
-    # shares from the first H200 runs: a ViT-g engine run needs ~40 s to start and ~1 s a step at 128 samples
-    plan = [("tests", 60, lambda b: stage_tests(out, b, sm)),
-            ("bench", 90, lambda b: stage_bench(out, b, sm)),
-            ("engine", 150, lambda b: stage_engine(out, b, args.steps, args.g_batch, sm)),
-            ("authors", 60, lambda b: stage_authors(out, b, args.g_batch, 6 if not sm else 1, sm)),
-            ("umt", 50, lambda b: stage_umt(out, b, args.steps, sm)),
-            ("loader", 60, lambda b: stage_loader(out, b, 15 if not sm else 3, sm))]
+    # shares from the first H200 runs: a ViT-g engine run needs ~40 s to start and ~1 s a step at 128 samples;
+    # the engine comes first: if the machine is taken back early, its numbers are the ones that matter
+    plan = [("engine", 200, lambda b: stage_engine(out, b, args.steps, args.g_batch, tuple(args.runs), sm)),
+            ("authors", 55, lambda b: stage_authors(out, b, args.g_batch, 4 if not sm else 1, sm)),
+            ("bench", 80, lambda b: stage_bench(out, b, sm)),
+            ("tests", 50, lambda b: stage_tests(out, b, sm)),
+            ("umt", 40, lambda b: stage_umt(out, b, args.steps, sm)),
+            ("loader", 45, lambda b: stage_loader(out, b, 15 if not sm else 3, sm))]
     plan = [p for p in plan if not args.only or p[0] in args.only]
     total_share = sum(share for _, share, _ in plan)
     for name, share, fn in plan:
@@ -259,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "gpu_check.md").write_text(f"# gpu-check on {results['device']} (torch {results['torch']})\n\n{text}\n")
     print(text)
     print(f"gpu-check: {results['seconds']:.0f} s; {out / 'gpu_check.md'}")
-    return 0 if all(v.get("ok", True) for v in results.values() if isinstance(v, dict) and "ok" in v) else 1
+    stages = [v for k, v in results.items() if isinstance(v, dict) and k != "engine"]
+    stages += list(results.get("engine", {}).values())
+    return 0 if all(v.get("ok", True) for v in stages) else 1
 
 
 if __name__ == "__main__":

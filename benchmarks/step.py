@@ -50,7 +50,9 @@ def plain_checkpoint(fn, *args: torch.Tensor) -> torch.Tensor:
 
 
 def build_model(cell: Cell, device: torch.device | str) -> PretrainVideoMAE:
-    model = create_pretrain_model(cell.model, attention=cell.kernel, **cell.overrides()).to(device)
+    with torch.device(device):  # initialised in place: on host cores ViT-g's init costs seconds per cell
+        model = create_pretrain_model(cell.model, attention=cell.kernel, **cell.overrides())
+    model = model.to(device)
     model.set_activation_checkpointing("full" if cell.ckpt == "on" else "none", fn=plain_checkpoint)
     return model.train()
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
+from . import zero_checks
 from .optim import Derived
 from .run_config import RunConfig
 
@@ -75,6 +76,9 @@ def resolve_ds_config(cfg: RunConfig, d: Derived, raw: dict | None = None) -> di
     _agree(bf16, "enabled", cfg.precision == "bf16", f"precision {cfg.precision}", path + " bf16")
     ds.setdefault("steps_per_print", 10**9)  # our own metrics replace DeepSpeed's step logging
     ds.setdefault("wall_clock_breakdown", False)
+    # DeepSpeed's throughput timer synchronizes the device at every forward and step; StepTimer's CUDA events
+    # measure the same without stalling the queue
+    ds.setdefault("timers", {"throughput": {"enabled": False}})
     return ds
 
 
@@ -118,6 +122,8 @@ def build_engine(cfg: RunConfig, ds: dict, objective: Any) -> tuple[Any, list[st
         opt = torch.optim.AdamW(groups, lr=o.base_lr, betas=o.betas, eps=o.eps, fused=fused or None)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     move_buffers(engine.module, engine.device)
+    if cfg.speed.fused_grad_checks:
+        zero_checks.install(engine.optimizer)
     return engine, lines
 
 
