@@ -10,6 +10,7 @@ ratios next to the VideoMAE V2 paper's 1.79x (B) / 1.48x (g). Sizes too big for 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -18,6 +19,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -173,7 +175,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 
     with tqdm(total=suite.total_steps(), desc="vmae-bench", unit="group", disable=args.quiet) as bar:
-        cells = suite.run(bar)
+        partial = Path(args.out) / "partial.json"
+
+        def save_partial(rows: list[dict]) -> None:
+            partial.write_text(json.dumps({"measured": rows, "ratios": ratio_rows(rows)}, indent=1, default=str))
+
+        cells = suite.run(bar, on_pair=save_partial)
         ds = None
         if preset.ds:
             bar.set_postfix_str(f"deepspeed {preset.ds[0]}")
@@ -194,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "deepspeed": ds, "notes": _notes(preset, suite, device, amp),
               "wall_s": time.perf_counter() - t0}
     paths = write_report(result, args.out)
+    partial.unlink(missing_ok=True)  # the full report replaces it
     print(summary(result))
     print(f"\nwall time {result['wall_s']:.0f} s; report: {paths['md']} (+ .json, .png)")
     return 0

@@ -7,6 +7,7 @@ Every number in the result carries where it came from: "measured" (a real step o
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -74,7 +75,9 @@ class Suite:
         return [[Cell(m, mk, k, ck, b, f) for mk in MASKINGS]
                 for (m, (b, f)), k, ck in itertools.product(sizes.items(), self.kernels, self.p.ckpt)]
 
-    def run(self, bar: tqdm) -> dict:
+    def run(self, bar: tqdm, on_pair: Callable[[list[dict]], None] | None = None) -> dict:
+        """Measured then computed cells; `on_pair` gets the measured rows so far after every pair (a run cut
+        short by a time limit still leaves its ratios)."""
         measured: list[dict] = []
         off: dict[tuple, dict] = {}
         for pair in self._pairs(self.p.measure):
@@ -88,6 +91,8 @@ class Suite:
                 results = measure_interleaved(pair, self.device, self.amp, self.p.warmup, self.p.steps)
             for c, r in zip(pair, results):
                 measured.append(self._with_estimate(self._row(c, "measured", r), off))
+            if on_pair is not None:
+                on_pair(measured)
             bar.update(1)
         computed: list[dict] = []
         for m in self.p.compute:

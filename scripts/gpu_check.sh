@@ -2,7 +2,9 @@
 # `make gpu-check`: the GPU checks in one command (see benchmarks/gpu_check.py for the stages).
 # On a bare CUDA machine whose Python already has torch: the project's other wheels are installed from a local
 # folder first (WHEELS, default .whl, made here by ../shared/gpu/make_wheelhouse.sh; no network there).
-#   bash scripts/gpu_check.sh [--out reports/gpu_check] [--only engine authors] [--g-batch 32]
+#   bash scripts/gpu_check.sh [--out reports/gpu_check] [--only engine authors] [--runs g:2:none g:2:full:compile]
+# On a lent device whose results come back through a small folder ($OUT), keep --out elsewhere (the loader stage
+# writes clips and shards there) and copy the reports: --out /tmp/gc; cp /tmp/gc/*.{md,json,log} "$OUT"/
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}

@@ -85,3 +85,22 @@ def test_unwritable_out_stops_before_any_step(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--preset", "smoke", "--device", "cpu", "--no-ds", "--quiet", "--out", str(tmp_path / "a_file" / "r")])
     assert e.value.code == 2 and "cannot create the report folder" in capsys.readouterr().err
+
+
+def test_every_finished_pair_is_handed_on_so_a_cut_run_keeps_its_ratios():
+    import torch
+    from tqdm import tqdm
+
+    from benchmarks.analysis import ratio_rows
+    from benchmarks.presets import PRESETS
+    from benchmarks.suite import Suite
+
+    seen: list[int] = []
+    from dataclasses import replace
+
+    preset = replace(PRESETS["smoke"], ckpt=("off",))
+    suite = Suite(preset, torch.device("cpu"), torch.bfloat16, None, 80 * 2**30, progress=False)
+    with tqdm(disable=True) as bar:
+        result = suite.run(bar, on_pair=lambda rows: seen.append(len(rows)))
+    assert seen == [2, 4]  # (math, sdpa) x (encoder-only + dual), handed on pair by pair
+    assert [r["kernel"] for r in ratio_rows(result["measured"][:2])] == ["math"]
