@@ -68,8 +68,11 @@ def _metrics(run_dir: Path, skip: int) -> dict:
     return out
 
 
-GPU_TEST_FILES = ["tests/test_attention.py", "tests/test_gpu_step.py", "tests/test_bench_gpu.py",
-                  "tests/test_augment.py"]
+# the step's sync check and kernel parity first; the CLI test (a subprocess with a max-batch search) is left to
+# `pytest -m gpu`, it took most of the stage's budget on the H200
+GPU_TEST_FILES = ["tests/test_gpu_step.py", "tests/test_attention.py", "tests/test_augment.py",
+                  "tests/test_bench_gpu.py"]
+GPU_TEST_SKIP = ["tests/test_bench_gpu.py::test_cli_on_cuda_with_deepspeed_row"]
 
 
 def _decoder() -> str:
@@ -83,8 +86,9 @@ def _decoder() -> str:
 
 
 def stage_tests(out: Path, budget: float, smoke: bool = False) -> dict:
-    code, s = _run([sys.executable, "-m", "pytest", "-q", "-rf", "--tb=line", "-m", "gpu", *GPU_TEST_FILES, "-p",
-                    "no:cacheprovider", "--continue-on-collection-errors"], budget, out / "tests.log")
+    skip = [a for t in GPU_TEST_SKIP for a in ("--deselect", t)]
+    code, s = _run([sys.executable, "-m", "pytest", "-q", "-rf", "--tb=line", "-m", "gpu", *GPU_TEST_FILES, *skip,
+                    "-p", "no:cacheprovider", "--continue-on-collection-errors"], budget, out / "tests.log")
     tail = (out / "tests.log").read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
     return {"ok": code == 0, "seconds": s, "summary": tail[0], "timed_out": code is None}
 

@@ -16,7 +16,7 @@ VIT_B_SMALL = {"name": "vit_base_patch16", "attention": "sdpa", "depth": 1, "dec
                "num_frames": 4}
 
 
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_fused_checks_equal_deepspeeds_own(tmp_path, stage):
     cfg = write_config(tmp_path / "c.yaml", precision="bf16", model=VIT_B_SMALL,
                        deepspeed_config=str(ROOT / "ds_configs" / f"zero{stage}.json"))

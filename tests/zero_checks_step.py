@@ -1,4 +1,4 @@
-"""Oracle script for test_zero_checks: after real backward passes under ZeRO-1/2, our fused gradient checks
+"""Oracle script for test_zero_checks: after real backward passes under ZeRO-1/2/3, our fused gradient checks
 (vmae_ds.engine.zero_checks) must give DeepSpeed's own overflow flag and gradient norm, bit for bit, on clean
 gradients, on gradients holding inf / NaN, and on huge but finite ones. It also counts device synchronizes
 over those four steps.
@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch.distributed as dist
+from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
 from vmae_ds.engine.data_source import endless
@@ -26,19 +27,25 @@ from vmae_ds.objectives import make_objective
 
 def both(opt) -> dict:
     """(ours, DeepSpeed's) overflow flags (this rank's, then agreed over the ranks) and norms on the optimizer's
-    current gradients."""
-    local = [bool(opt.has_overflow_partitioned_grads_serial().item()),
-             bool(DeepSpeedZeroOptimizer.has_overflow_partitioned_grads_serial(opt).item())]
-    ours_flag = opt.has_overflow()
-    fused = opt.__dict__.pop("has_overflow_partitioned_grads_serial")
-    ds_flag = opt.has_overflow()  # DeepSpeed's agreement around its own per-tensor test
-    opt.has_overflow_partitioned_grads_serial = fused
-    ours_norm, ds_norm = [], []
-    for i in range(len(opt.bit16_groups)):
-        g, p = opt.averaged_gradients[i], opt.params_in_partition[i]
-        ours_norm.append(opt.get_grad_norm_direct(g, p).item())
-        ds_norm.append(DeepSpeedZeroOptimizer.get_grad_norm_direct(opt, g, p).item())
-    return {"local": local, "flag": [ours_flag, ds_flag], "norm": [ours_norm, ds_norm]}
+    current gradients. ZeRO-3 keeps DeepSpeed's overflow test (on its flat buffer): its flags are DeepSpeed's."""
+    stage3 = isinstance(opt, DeepSpeedZeroOptimizer_Stage3)
+    cls = DeepSpeedZeroOptimizer_Stage3 if stage3 else DeepSpeedZeroOptimizer
+    if stage3:
+        flag = opt.has_overflow()
+        local, flags = [False, False], [flag, flag]
+        groups = [(opt.averaged_gradients[i], opt.fp16_groups[i]) for i in range(len(opt.fp16_groups))]
+    else:
+        local = [bool(opt.has_overflow_partitioned_grads_serial().item()),
+                 bool(cls.has_overflow_partitioned_grads_serial(opt).item())]
+        ours_flag = opt.has_overflow()
+        fused = opt.__dict__.pop("has_overflow_partitioned_grads_serial")
+        ds_flag = opt.has_overflow()  # DeepSpeed's agreement around its own per-tensor test
+        opt.has_overflow_partitioned_grads_serial = fused
+        flags = [ours_flag, ds_flag]
+        groups = [(opt.averaged_gradients[i], opt.params_in_partition[i]) for i in range(len(opt.bit16_groups))]
+    ours_norm = [opt.get_grad_norm_direct(g, p).item() for g, p in groups]
+    ds_norm = [cls.get_grad_norm_direct(opt, g, p).item() for g, p in groups]
+    return {"local": local, "flag": flags, "norm": [ours_norm, ds_norm]}
 
 
 def count_synchronize():
@@ -78,7 +85,7 @@ def main(config: str, out: str) -> None:
     cases = {}
     for case in ("clean", "inf", "nan", "huge"):
         loss, _ = objective.loss(engine, objective.to_device(next(stream)))
-        engine.backward(loss)  # ZeRO-2 reduces into the partitions here; the step reads averaged_gradients
+        engine.backward(loss)  # ZeRO reduces into the partitions here; the step reads averaged_gradients
         grads = [g for g in opt.averaged_gradients[0] if g is not None and g.numel() > 1]
         if rank == 1 and case != "clean":  # one rank only: the all-reduces must carry it to the other
             g = grads[len(grads) // 2].view(-1)

@@ -105,8 +105,8 @@ class SpeedConfig(Strict):
     """Speed options that change no result (measured by `make gpu-check`)."""
 
     compile: bool = Field(False, description="torch.compile every transformer block")
-    fused_grad_checks: bool = Field(True, description="ZeRO-1/2: DeepSpeed's inf/NaN test and gradient norm in "
-                                    "one multi-tensor pass instead of ~10 kernels per tensor (same results)")
+    fused_grad_checks: bool = Field(True, description="DeepSpeed ZeRO's inf/NaN test (stages 1/2) and gradient "
+                                    "norm in one multi-tensor pass instead of kernels per tensor (same results)")
 
 
 class DebugConfig(Strict):

@@ -1,9 +1,9 @@
-"""ZeRO-1/2's gradient checks in one multi-tensor pass instead of a few kernels per tensor.
+"""ZeRO's gradient checks in one multi-tensor pass instead of a few kernels per tensor.
 
 DeepSpeed's stage-1/2 optimizer tests every gradient tensor for inf/NaN (max, min, isfinite, and, not: five
 kernels each) and then takes every tensor's norm (a float64 copy, a norm, a copy): about ten launches and a
 few dozen Python calls per tensor, issued after the overflow flag has been read back, i.e. while the GPU
-waits. ViT-g has 582 gradient tensors: 5919 data-touching ops per step (`python -m benchmarks.optimizer_ops`),
+waits. ViT-g has 582 gradient tensors: 5917 data-touching ops per step (`python -m benchmarks.optimizer_ops`),
 the likeliest cause of the 0.25 s "optimizer" phase of a 0.86 s step on the H200, where bandwidth alone would
 need under 10 ms (UMT-B, 12x fewer weights, still spent 0.08 s there). Not yet timed on a GPU.
 `torch._foreach_norm` does the same float64 norms in one call; a norm in float64 is non-finite exactly when some
@@ -12,8 +12,8 @@ element is (the square of the largest bf16/fp32 value fits), so the same norms a
 The results are DeepSpeed's to the bit on the CPU (same float64 norms, same sum, same all-reduces; see
 tests/test_zero_checks.py). On CUDA the multi-tensor kernel accumulates the same float64 squares in another
 order, a difference of ~1e-16 relative before the sum is cast to float32. Installed on the optimizer instance,
-so DeepSpeed's class stays untouched; layouts it does not cover (ZeRO-3, CPU offload, model parallel, MoE) keep
-DeepSpeed's own code.
+so DeepSpeed's class stays untouched; layouts it does not cover (CPU offload, model parallel, MoE) keep
+DeepSpeed's own code. ZeRO-3 already tests overflow on its flat gradient buffer; only its norm is replaced.
 """
 
 from __future__ import annotations
@@ -27,18 +27,26 @@ NORM_DTYPE = torch.float64  # DeepSpeed's get_norm_dtype() on every accelerator 
 
 
 def install(optimizer: Any) -> bool:
-    """Swap in the fused checks when `optimizer` is a plain ZeRO-1/2 one; False (untouched) otherwise."""
+    """Swap in the fused checks for a plain ZeRO-1/2/3 optimizer (on the device, no model parallelism, no MoE);
+    False (untouched) otherwise."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    if type(optimizer) is not DeepSpeedZeroOptimizer:
+    if not hasattr(torch, "_foreach_norm") or getattr(optimizer, "model_parallel_rank", 0) != 0:
         return False
-    if optimizer.cpu_offload or optimizer.has_moe_layers or optimizer.model_parallel_rank != 0:
-        return False
-    if not hasattr(torch, "_foreach_norm"):
-        return False
-    optimizer.has_overflow_partitioned_grads_serial = MethodType(_any_nonfinite, optimizer)
-    optimizer.get_grad_norm_direct = MethodType(_grad_norm, optimizer)
-    return True
+    if type(optimizer) is DeepSpeedZeroOptimizer:
+        if optimizer.cpu_offload or optimizer.has_moe_layers:
+            return False
+        optimizer.has_overflow_partitioned_grads_serial = MethodType(_any_nonfinite, optimizer)
+        optimizer.get_grad_norm_direct = MethodType(_grad_norm, optimizer)
+        return True
+    if type(optimizer) is DeepSpeedZeroOptimizer_Stage3:
+        # its overflow test already runs on the flat gradient buffer; the norm is per tensor
+        if optimizer.offload_optimizer or optimizer.offload_param:
+            return False
+        optimizer.get_grad_norm_direct = MethodType(_grad_norm_stage3, optimizer)
+        return True
+    return False
 
 
 def _sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -81,3 +89,33 @@ def _grad_norm(self: Any, gradients: list[torch.Tensor], params: list[torch.nn.P
     total = total.pow(0.5)
     mask_nan_or_inf_with_val_inplace(total, device=self.device)
     return total
+
+
+def _grad_norm_stage3(self: Any, gradients: list[torch.Tensor], params: list[torch.nn.Parameter],
+                      norm_type: float = 2) -> torch.Tensor:
+    """Replaces DeepSpeedZeroOptimizer_Stage3.get_grad_norm_direct for the L2 norm: the same partition group,
+    the same selection of parameters and the same reductions, with the per-tensor norms in one call."""
+    from deepspeed import comm as dist
+    from deepspeed.comm import pg_utils
+    from deepspeed.runtime.utils import is_model_parallel_parameter
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    if float(norm_type) != 2.0 or not gradients:
+        return DeepSpeedZeroOptimizer_Stage3.get_grad_norm_direct(self, gradients, params, norm_type)
+    self._assert_same_partition_group(params)
+    group = self._get_param_partition_group(params[0])
+    every = self._grad_norm_counts_every_rank(params, group)
+    grads = [g for g, p in zip(gradients, params, strict=False)
+             if every or is_model_parallel_parameter(p) or self.model_parallel_rank == 0]
+    if not grads:  # DeepSpeed's own zero for a rank that counts none of them
+        return DeepSpeedZeroOptimizer_Stage3.get_grad_norm_direct(self, gradients, params, norm_type)
+    total = _sum_of_squares(grads)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    if not every:
+        self._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
+    expert_group = self._autoep_expert_parallel_group(params)
+    if pg_utils.is_parallel(expert_group):
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=expert_group)
+    total = total**0.5
+    bad = total.isnan().logical_or(total.isinf())
+    return torch.where(bad, torch.tensor(-1.0, device=self.device, dtype=torch.float), total)
