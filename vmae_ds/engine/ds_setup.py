@@ -107,8 +107,8 @@ def build_engine(cfg: RunConfig, ds: dict, objective: Any) -> tuple[Any, list[st
             lines = objective.initial_weights(model)
     ac = cfg.activation_checkpointing
     model.set_activation_checkpointing(ac.mode, ac.num_blocks)
-    if cfg.speed.compile:
-        compile_blocks(model)
+    if cfg.speed.compile:  # compiled lazily at the first step, which therefore takes tens of seconds
+        lines.append(f"torch.compile: {compile_blocks(model)} transformer blocks")
     groups = objective.param_groups(model)
     o = cfg.optim
     if offloads_optimizer(ds):
