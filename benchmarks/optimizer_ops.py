@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # ops that launch no kernel: metadata (DeepSpeed's per-parameter `p.data = view` after the update) and
 # allocations (ZeRO-3 parks every released parameter on `torch.empty(0)`)
 METADATA_OPS = {"aten::view", "aten::narrow", "aten::_has_compatible_shallow_copy_type", "aten::as_strided",
-                "aten::alias", "aten::detach", "aten::slice", "aten::lift_fresh", "aten::empty"}
+                "aten::alias", "aten::detach", "aten::slice", "aten::lift_fresh", "aten::empty", "aten::view_as",
+                "aten::t", "aten::transpose", "aten::permute", "aten::expand", "aten::unsqueeze", "aten::squeeze",
+                "aten::_unsafe_view", "aten::select", "aten::split", "aten::unbind", "aten::chunk"}
 
 
 def count_step(engine, objective, stream, steps: int) -> dict:
@@ -42,11 +44,33 @@ def count_step(engine, objective, stream, steps: int) -> dict:
             continue
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             engine.step()
-    top = [e for e in prof.events() if e.name.startswith("aten::")
-           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
-    data = [e.name for e in top if e.name not in METADATA_OPS]
+    top, data = _top_ops(prof)
     return {"ops": len(top), "data_ops": len(data), "host_ms": statistics.median(host_ms) if host_ms else 0.0,
             "top_data_ops": Counter(data).most_common(5)}
+
+
+def _top_ops(prof: torch.profiler.profile) -> tuple[list, list[str]]:
+    """Top-level aten ops (not called from another aten op), and the names of those that touch data."""
+    top = [e for e in prof.events() if e.name.startswith("aten::")
+           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    return top, [e.name for e in top if e.name not in METADATA_OPS]
+
+
+def count_phases(engine, objective, stream) -> dict[str, int]:
+    """Data-touching top-level ops of one whole training step, per phase: on a GPU, at least this many kernel
+    launches a step, which the host must issue faster than the device runs them."""
+    out = {}
+    batch = objective.to_device(next(stream))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss, _ = objective.loss(engine, batch)
+    out["forward + loss"] = len(_top_ops(prof)[1])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        engine.backward(loss)
+    out["backward"] = len(_top_ops(prof)[1])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        engine.step()
+    out["optimizer step"] = len(_top_ops(prof)[1])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {label} | {r['ops']} | {r['data_ops']} | {r['host_ms']:.1f} |")
     print(f"most frequent data ops, DeepSpeed's: {theirs['top_data_ops']}")
     print(f"most frequent data ops, fused: {ours['top_data_ops']}")
+    phases = count_phases(engine, objective, stream)
+    print("whole training step with the fused checks, data-touching ops per phase: "
+          + ", ".join(f"{k} {v}" for k, v in phases.items()) + f"; {sum(phases.values())} in all")
     return 0
 
 

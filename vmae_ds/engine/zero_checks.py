@@ -3,7 +3,7 @@
 DeepSpeed's stage-1/2 optimizer tests every gradient tensor for inf/NaN (max, min, isfinite, and, not: five
 kernels each) and then takes every tensor's norm (a float64 copy, a norm, a copy): about ten launches and a
 few dozen Python calls per tensor, issued after the overflow flag has been read back, i.e. while the GPU
-waits. ViT-g has 582 gradient tensors: 5917 data-touching ops per step (`python -m benchmarks.optimizer_ops`),
+waits. ViT-g has 582 gradient tensors: 5916 data-touching ops per step (`python -m benchmarks.optimizer_ops`),
 the likeliest cause of the 0.25 s "optimizer" phase of a 0.86 s step on the H200, where bandwidth alone would
 need under 10 ms (UMT-B, 12x fewer weights, still spent 0.08 s there). Not yet timed on a GPU.
 `torch._foreach_norm` does the same float64 norms in one call; a norm in float64 is non-finite exactly when some
