@@ -5,7 +5,8 @@ reported as such, with what it measured before, and the next one runs):
   engine     training runs under the engine on synthetic clips held in memory (the loader is not measured), bf16,
              one per --runs entry SIZE:STAGE:CKPT[:OPTION...] (default g:2:none g:2:full g:3:full B:2:none):
              clips/s, MFU (and over forward + backward only), peak / reserved memory, step split (data / forward /
-             backward / optimizer), start-up seconds, the error line of a failed run
+             backward / optimizer), start-up seconds, host syncs a step (debug.sync_report), the error line of a
+             failed run
   authors    the same ViT-g step the authors' way: fp16 autocast + grad scaler, eager math attention, every block
              checkpointed, plain PyTorch: the speedup is a ratio of two numbers from this one run
   bench      vmae-bench for ViT-B and ViT-g: sdpa and math, dual vs encoder-only, checkpointing off, peak memory
@@ -117,7 +118,8 @@ def _engine(out: Path, name: str, budget: float, overrides: list[str], config: s
     run_dir = out / "runs" / name
     cmd = [sys.executable, "-m", "vmae_ds.pretrain", "--config", config, f"name={name}",
            f"output_dir={out / 'runs'}", "logging.every_steps=10", "logging.breakdown=true",
-           "logging.tensorboard=false", "checkpoint.every_steps=100000", "checkpoint.at_end=false", *overrides]
+           "logging.tensorboard=false", "checkpoint.every_steps=100000", "checkpoint.at_end=false",
+           "debug.sync_report=true", *overrides]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     log = out / f"{name}.log"
     code, s = _run(cmd, budget, log, env)
@@ -126,6 +128,9 @@ def _engine(out: Path, name: str, budget: float, overrides: list[str], config: s
     ready = re.search(r"engine ready in ([0-9.]+) s", text)
     if ready:
         res["startup_s"] = float(ready.group(1))
+    syncs = re.search(r"host syncs in steps \d+-\d+: \d+ \(([0-9.]+) a step\): (.*)", text)
+    if syncs:  # every host-device sync of steps 3-5 (torch.cuda.set_sync_debug_mode), by where it was made
+        res["syncs_per_step"], res["sync_sources"] = float(syncs.group(1)), syncs.group(2).strip()
     if code not in (0, None):  # the reason in one line (an out-of-memory, a config error, ...)
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         res["error"] = next((ln for ln in reversed(lines) if "Error" in ln or "error:" in ln), lines[-1:] or "?")
@@ -279,7 +284,8 @@ def table(results: dict) -> str:
         size, stage, ckpt, *extra = spec.split(":")
         split = " ".join(f"{k} {v * 100:.0f}%" for k, v in e.get("split", {}).items() if k != "data")
         label = f"ViT-{size} ZeRO-{stage} bf16, ckpt {ckpt}" + "".join(f", {x}" for x in extra)
-        rows.append(engine_row(label, e, split + (f"; {e['error']}" if e.get("error") else "")))
+        notes = split + (f"; {e['syncs_per_step']:g} host syncs a step" if e.get("syncs_per_step") is not None else "")
+        rows.append(engine_row(label, e, notes + (f"; {e['error']}" if e.get("error") else "")))
     a = results.get("authors", {})
     rows.append(f"| ViT-g authors' config | {_status(a)} | {fmt(a.get('clips_per_s'))} | | {fmt(a.get('peak_gib'))} "
                 f"| | fp16 autocast, math attention, every block checkpointed |")

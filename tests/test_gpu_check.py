@@ -43,6 +43,7 @@ def test_gpu_check_table_reads_every_stage_and_states_the_targets():
                     "time_no_optimizer": 1.8, "peak": 1.9, "paper_time": 1.79}]},
                "engine": {"g:2:none": {"ok": True, "clips_per_s": 300.0, "mfu": 0.41, "mfu_fwd_bwd": 0.5,
                                        "peak_gib": 70.0, "reserved_gib": 75.0, "startup_s": 31.0,
+                                       "syncs_per_step": 3.0,
                                        "split": {"data": 0.0, "forward": 0.3, "backward": 0.6}},
                           "g:3:full": {"ok": False, "error": "torch.OutOfMemoryError: CUDA out of memory."},
                           "B:2:none": {"ok": True, "clips_per_s": 2000.0, "mfu": 0.42}},
@@ -51,7 +52,7 @@ def test_gpu_check_table_reads_every_stage_and_states_the_targets():
                "loader": {"ok": True, "clips_per_s": 800.0, "data_wait": 0.02, "workers": 14}}
     text = table(results)
     assert ("| ViT-g ZeRO-2 bf16, ckpt none | ok | 300.0 | 41.0% (50.0%) | 70.0 / 75.0 | 31.0 | "
-            "forward 30% backward 60% |") in text
+            "forward 30% backward 60%; 3 host syncs a step |") in text
     assert "| ViT-g ZeRO-3 bf16, ckpt full | FAIL |" in text and "CUDA out of memory" in text
     assert "MFU with teacher 50.0%" in text and "14 workers, data wait 2%" in text
     assert ("| encoder-only / dual, ViT-B sdpa ckpt off b16 | 1.71x time | | | 1.90x peak | | paper 1.79x; 1.80x "

@@ -57,3 +57,31 @@ def test_bf16_weights_kernels_agree_with_fp32_math(device, heads, dim):
         out = model(video.to(torch.bfloat16), enc, dec).float()
         torch.testing.assert_close(out, ref, atol=6e-2, rtol=6e-2, msg=kernel)
         assert model.kernel.used == kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_sync_counter_names_where_each_sync_was_made():
+    from vmae_ds.engine.device import SyncCounter
+
+    x = torch.ones(4, device="cuda")
+    counter = SyncCounter(torch.device("cuda"))
+    counter.start()
+    x.sum().item()  # one sync, made on this line
+    (x * 2).sum().item()  # and one here
+    torch.cuda.synchronize()  # explicit: set_sync_debug_mode does not see it, the counter's wrapper does
+    counted = counter.stop()
+    assert sum(counted.values()) >= 3, counted
+    assert all(where.startswith("tests/test_gpu_step.py:") for where in counted), counted
+    assert sum(v for k, v in counted.items() if k.endswith("(synchronize)")) == 1, counted
+    assert torch.cuda.synchronize.__module__ == "torch.cuda"  # unwrapped again
+    assert torch.cuda.get_sync_debug_mode() == 0  # restored
+
+
+def test_sync_sources_are_named_from_the_package_folder():
+    from vmae_ds.engine.device import _short
+
+    assert _short("/opt/torch/.venv/lib/python3.12/site-packages/deepspeed/runtime/zero/stage3.py") == \
+        "deepspeed/runtime/zero/stage3.py"
+    assert _short("/tmp/site/deepspeed/runtime/engine.py") == "deepspeed/runtime/engine.py"
+    assert _short("/work/checkout/vmae_ds/engine/trainer.py") == "vmae_ds/engine/trainer.py"

@@ -1,8 +1,11 @@
-"""Feeding the device without stalling it: batch prefetch on a side stream, step timing from events."""
+"""Feeding the device without stalling it: batch prefetch on a side stream, step timing from events, and a
+counter of the host syncs that remain."""
 
 from __future__ import annotations
 
 import time
+import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -123,3 +126,68 @@ class StepTimer:
             out.append((total, split))
         self.done = []
         return out
+
+
+class SyncCounter:
+    """Host-device synchronizations made by any code (ours, DeepSpeed's, torch's) between `start()` and `stop()`,
+    by where in Python they were made. Implicit ones (`.item()`, a blocking copy, a data-dependent shape) come from
+    torch.cuda.set_sync_debug_mode("warn"), which turns each into a warning; that mode does not see an explicit
+    `torch.cuda.synchronize()` (DeepSpeed calls it), so those are counted by wrapping it for the while. CUDA only;
+    elsewhere it counts nothing and `stop()` returns None."""
+
+    def __init__(self, device: torch.device):
+        self.enabled = device.type == "cuda"
+        self._catch: warnings.catch_warnings | None = None
+        self._records: list[warnings.WarningMessage] = []
+        self._explicit: list[str] = []
+        self._real_sync: Callable[..., Any] | None = None
+
+    def start(self) -> None:
+        if not self.enabled or self._catch is not None:
+            return
+        self._catch = warnings.catch_warnings(record=True)
+        self._records = self._catch.__enter__()
+        warnings.simplefilter("always")  # every sync, not the first one per line
+        real = self._real_sync = torch.cuda.synchronize
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self._explicit.append(_caller())
+            return real(*args, **kwargs)
+
+        torch.cuda.synchronize = counted
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> Counter[str] | None:
+        if self._catch is None:
+            return None
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize = self._real_sync
+        self._catch.__exit__(None, None, None)
+        self._catch = None
+        implicit = [f"{_short(r.filename)}:{r.lineno}" for r in self._records
+                    if "synchroniz" in str(r.message).lower()]
+        counted = Counter(implicit) + Counter(f"{where} (synchronize)" for where in self._explicit)
+        self._explicit = []
+        return counted
+
+
+def _caller() -> str:
+    """file:line of the code that asked for the synchronize, past the accelerator wrappers in between."""
+    import sys
+
+    frame = sys._getframe(2)
+    while frame is not None and ("accelerator" in frame.f_code.co_filename or
+                                 _short(frame.f_code.co_filename).startswith("torch/")):
+        frame = frame.f_back
+    return "?" if frame is None else f"{_short(frame.f_code.co_filename)}:{frame.f_lineno}"
+
+
+def _short(path: str) -> str:
+    """.../site-packages/deepspeed/runtime/x.py -> deepspeed/runtime/x.py: from the package folder on."""
+    parts = path.replace("\\", "/").split("/")
+    if "site-packages" in parts:
+        return "/".join(parts[len(parts) - parts[::-1].index("site-packages"):])
+    for i, part in enumerate(parts):
+        if part in ("deepspeed", "torch", "vmae_ds", "benchmarks", "tests"):
+            return "/".join(parts[i:])
+    return "/".join(parts[-2:])

@@ -120,6 +120,8 @@ class DebugConfig(Strict):
     dump_gathered: str | None = Field(None, description="torch.save the gathered fp32 params here at the end")
     log_keys: bool = Field(False, description="append every consumed batch's sample keys to "
                            "<run>/keys.rank<r>.jsonl (coverage audits)")
+    sync_report: bool = Field(False, description="CUDA: count the host-device syncs of steps 3-5 of this start "
+                              "(torch.cuda.set_sync_debug_mode) and print them with where they came from")
     decode_faults: dict[str, Literal["crash", "hang"]] = Field(
         default_factory=dict, description="sample key -> crash | hang: the loader's decoder misbehaves on it")
 

@@ -26,7 +26,7 @@ import yaml
 
 from . import checkpoint as ckpt
 from .data_source import batches_per_epoch, endless
-from .device import Prefetcher, StepTimer
+from .device import Prefetcher, StepTimer, SyncCounter
 from .ds_setup import build_engine, gathered_state, resolve_ds_config
 from .launch import init_process_group, portable_config, set_rank_threads, single_process_env, world_from_env
 from .metrics import PEAK_BF16_FLOPS, MetricsWriter, detect_device_name, peak_memory_gib, progress_line, say
@@ -261,6 +261,9 @@ class _Loop:
         nan_batches = set(cfg.debug.nan_batches)
         consecutive = 0
         first_step = state.step + 1
+        syncs = SyncCounter(engine.device) if cfg.debug.sync_report else None
+        if syncs is not None and not syncs.enabled and self.rank == 0:
+            say("debug.sync_report: counts CUDA syncs only; nothing to count on this device")
         engine.train()
         in_step = True  # False once every rank is known to leave the loop together (safe to barrier)
         try:
@@ -272,6 +275,8 @@ class _Loop:
                     raise RunStopped(f"pre-empted (SIGTERM): checkpoint {self.last_ckpt} written at step "
                                      f"{state.step}; continue with --resume auto", EXIT_PREEMPTED)
                 step = state.step
+                if syncs is not None and step == first_step + 1:  # steps 3-5: past the first steps' set-up
+                    syncs.start()
                 lr = lr_at(state.videos / self.d.global_batch, self.d)
                 for group in engine.optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -319,6 +324,8 @@ class _Loop:
                     continue
                 consecutive = 0
                 state.step = step = step + 1
+                if syncs is not None and step == first_step + 4:
+                    self.report_syncs(syncs.stop(), step - 2, step)
                 state.videos += self.d.global_batch
                 gn = engine.get_global_grad_norm()  # a device tensor under ZeRO: read back with the window
                 window.add({"step": step, "lr": lr, "grad_norm": gn.detach() if torch.is_tensor(gn) else gn,
@@ -352,6 +359,13 @@ class _Loop:
             if self.keys_log is not None:
                 self.keys_log.close()
             shutdown(self.loader, synced=not in_step)
+
+    def report_syncs(self, counted: Any, first: int, last: int) -> None:
+        if counted is None or self.rank != 0:
+            return
+        n, steps = sum(counted.values()), last - first + 1
+        where = ", ".join(f"{k} x{v}" for k, v in counted.most_common(8)) or "none"
+        say(f"host syncs in steps {first}-{last}: {n} ({n / steps:.1f} a step): {where}")
 
     def flush(self, window: Window, timer: StepTimer, first: bool, quiet: bool = False) -> None:
         """Read the window's values back (the only device sync of the loop), write one record per step and,

@@ -71,7 +71,6 @@ def _grad_norm(self: Any, gradients: list[torch.Tensor], params: list[torch.nn.P
     """Replaces DeepSpeedZeroOptimizer.get_grad_norm_direct for the L2 norm (other norms: DeepSpeed's)."""
     from deepspeed import comm as dist
     from deepspeed.runtime.constants import PIPE_REPLICATED
-    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     if float(norm_type) != 2.0:
@@ -83,12 +82,13 @@ def _grad_norm(self: Any, gradients: list[torch.Tensor], params: list[torch.nn.P
     if grads:
         total = _sum_of_squares(grads).float()
     else:
-        total = torch.tensor(0.0, dtype=torch.float32).to(self.device)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
     self._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
     total = total.pow(0.5)
-    mask_nan_or_inf_with_val_inplace(total, device=self.device)
-    return total
+    # DeepSpeed's invalid-norm sentinel, filled from a Python scalar: its helper builds torch.tensor(-1.0) on
+    # the device, a host-to-device copy that waits for the stream
+    return total.masked_fill_(~torch.isfinite(total), -1.0)
 
 
 def _grad_norm_stage3(self: Any, gradients: list[torch.Tensor], params: list[torch.nn.Parameter],
@@ -117,5 +117,4 @@ def _grad_norm_stage3(self: Any, gradients: list[torch.Tensor], params: list[tor
     if pg_utils.is_parallel(expert_group):
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=expert_group)
     total = total**0.5
-    bad = total.isnan().logical_or(total.isinf())
-    return torch.where(bad, torch.tensor(-1.0, device=self.device, dtype=torch.float), total)
+    return total.masked_fill(~torch.isfinite(total), -1.0)  # DeepSpeed's sentinel, without its host copy
