@@ -179,6 +179,9 @@ def parse_run(spec: str) -> tuple[str, list[str], dict]:
             raise argparse.ArgumentTypeError(f"engine run {spec!r}: unknown option {opt!r} (known: "
                                              f"{', '.join(RUN_OPTIONS)})")
         over += RUN_OPTIONS[opt]
+    if "compile" in options and stage == "3":
+        raise argparse.ArgumentTypeError(f"engine run {spec!r}: compile does not work with ZeRO-3 (DeepSpeed's "
+                                         f"partitioned linear cannot be traced); use stage 1 or 2")
     ds_extra = {"communication_data_type": "fp32"} if "fp32comm" in options else {}
     return spec.replace(":", "_"), over, ds_extra
 

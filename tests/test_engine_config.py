@@ -62,6 +62,14 @@ def test_contradicting_ds_sections_rejected(tmp_path, bad, match):
         resolve_ds_config(cfg, _derived(cfg), ds)
 
 
+def test_compile_with_zero3_is_refused_in_one_line_and_allowed_with_zero2(tmp_path):
+    """Under ZeRO-3 dynamo stops in DeepSpeed's partitioned linear (seen on the CPU): refuse before any start."""
+    cfg = load_run_config(write_config(tmp_path / "c.yaml", speed={"compile": True}))
+    with pytest.raises(ConfigError, match=r"^speed.compile does not work with ZeRO-3 .*use a stage 1 or 2"):
+        resolve_ds_config(cfg, _derived(cfg), {"zero_optimization": {"stage": 3}})
+    assert resolve_ds_config(cfg, _derived(cfg), {"zero_optimization": {"stage": 2}})["zero_optimization"]
+
+
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])
 def test_shipped_ds_configs_resolve(tmp_path, name):
     cfg = load_run_config(write_config(tmp_path / "c.yaml", precision="bf16",

@@ -68,9 +68,10 @@ def test_engine_run_specs_are_checked_before_anything_runs():
     assert parse_run("g:2:sel20:compile:fp32comm") == ("g_2_sel20_compile_fp32comm", [
         "deepspeed_config=ds_configs/zero2.json", "activation_checkpointing.mode=selective",
         "activation_checkpointing.num_blocks=20", "speed.compile=true"], {"communication_data_type": "fp32"})
-    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--runs", "g:4:none"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "engine run 'g:4:none'" in r.stderr.strip().splitlines()[-1]
+    for bad in ("g:4:none", "g:3:full:compile"):
+        r = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--runs", bad], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and f"engine run '{bad}'" in r.stderr.strip().splitlines()[-1], r.stderr
 
 
 def test_smoke_engine_and_authors_stages_on_the_cpu(tmp_path):

@@ -64,6 +64,9 @@ def resolve_ds_config(cfg: RunConfig, d: Derived, raw: dict | None = None) -> di
     if stage not in (1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 1, 2 or 3, got {stage!r}")
 
+    if cfg.speed.compile and stage == 3:  # found on the CPU: dynamo stops in deepspeed/runtime/zero/linear.py
+        raise ConfigError(f"speed.compile does not work with ZeRO-3 ({path}): DeepSpeed's partitioned linear layer "
+                          f"cannot be traced; use a stage 1 or 2 config, or leave speed.compile off")
     o = cfg.optim
     micro = f"optim.batch_size {o.batch_size} x data.num_sample {cfg.data.num_sample}"
     _agree(ds, "train_micro_batch_size_per_gpu", d.micro_batch_per_gpu, micro, path)
