@@ -86,7 +86,7 @@ def _decoder() -> str:
     return "decord"
 
 
-def stage_tests(out: Path, budget: float, smoke: bool = False) -> dict:
+def stage_tests(out: Path, budget: float) -> dict:  # on a CPU the same command skips every test
     skip = [a for t in GPU_TEST_SKIP for a in ("--deselect", t)]
     code, s = _run([sys.executable, "-m", "pytest", "-q", "-rf", "--tb=line", "-m", "gpu", *GPU_TEST_FILES, *skip,
                     "-p", "no:cacheprovider", "--continue-on-collection-errors"], budget, out / "tests.log")
@@ -95,13 +95,12 @@ def stage_tests(out: Path, budget: float, smoke: bool = False) -> dict:
 
 
 def stage_bench(out: Path, budget: float, smoke: bool = False) -> dict:
-    # the engine stage runs ViT-g under DeepSpeed, and a max-batch search of every cell would not fit the budget
-    cmd = [sys.executable, "-m", "benchmarks", "--preset", "gpu", "--models", "B", "g", "--steps", "3",
-           "--warmup", "1", "--kernels", "sdpa", "math", "--ckpt", "off", "--no-ds", "--no-search-max-batch",
-           "--compute", "--quiet", "--out", str(out / "bench")]
     if smoke:
-        cmd = [sys.executable, "-m", "benchmarks", "--preset", "cpu", "--models", "debug", "--steps", "1",
-               "--kernels", "sdpa", "--ckpt", "off", "--out", str(out / "bench")]
+        plan = ["--preset", "cpu", "--models", "debug", "--steps", "1", "--kernels", "sdpa", "--ckpt", "off"]
+    else:  # the engine stage runs ViT-g under DeepSpeed; a max-batch search of every cell would not fit the budget
+        plan = ["--preset", "gpu", "--models", "B", "g", "--steps", "3", "--warmup", "1", "--kernels", "sdpa", "math",
+                "--ckpt", "off", "--no-ds", "--no-search-max-batch", "--compute", "--quiet"]
+    cmd = [sys.executable, "-m", "benchmarks", *plan, "--out", str(out / "bench")]
     code, s = _run(cmd, budget, out / "bench.log")
     folder = out / "bench"
     reports = sorted(p for p in folder.glob("*.json") if p.name != "partial.json") if folder.is_dir() else []
@@ -133,7 +132,7 @@ def _engine(out: Path, name: str, budget: float, overrides: list[str], config: s
         res["syncs_per_step"], res["sync_sources"] = float(syncs.group(1)), syncs.group(2).strip()
     if code not in (0, None):  # the reason in one line (an out-of-memory, a config error, ...)
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        res["error"] = next((ln for ln in reversed(lines) if "Error" in ln or "error:" in ln), lines[-1:] or "?")
+        res["error"] = next((ln for ln in reversed(lines) if "Error" in ln or "error:" in ln), (lines or ["?"])[-1])
     if (run_dir / "metrics.jsonl").exists():
         res.update(_metrics(run_dir, skip))
     split = res.get("split") or {}
@@ -145,9 +144,9 @@ def _engine(out: Path, name: str, budget: float, overrides: list[str], config: s
 
 SMOKE = ["model.name=vit_tiny_debug", "masks.encoder_ratio=0.75", "model.attention=sdpa"]
 RECIPES = {"g": "configs/pretrain/vit_giant_hybrid.yaml", "B": "configs/pretrain/vit_base_hybrid.yaml"}
-# ckpt none first: on a 141 GB card ViT-g's 128 samples fit without recompute (0.46 GiB of saved activations a
-# sample by the bench's fake-tensor count, 59 GiB, plus 16 GiB of weights, gradients and AdamW state at one rank);
-# the recipe's every-block checkpointing (0.044 GiB a sample) is what 80 GB cards need
+# ckpt none first: on a 141 GB card ViT-g's 128 samples should fit without recompute (0.46 GiB of saved
+# activations a sample by the bench's fake-tensor count, 59 GiB, over the 23.4 GiB peak of the checkpointed run);
+# the recipe's every-block checkpointing is for 80 GB cards
 ENGINE_RUNS = ("g:2:none", "g:2:full", "g:3:full", "B:2:none")
 
 
@@ -197,14 +196,13 @@ def stage_engine(out: Path, budget: float, steps: int, batch: int, runs: tuple[s
     results, t0 = {}, time.time()
     for i, spec in enumerate(runs):
         name, over, ds_extra = parse_run(spec)
-        size = spec.split(":")[0]
-        if ds_extra:  # the stage's JSON plus the option, written next to the report
+        size, stage = spec.split(":")[:2]
+        if ds_extra:  # the stage's JSON plus the option, written next to the report (the last override wins)
             from vmae_ds.engine.ds_setup import load_ds_json
 
-            stage_json = next(o.split("=", 1)[1] for o in over if o.startswith("deepspeed_config="))
             path = out / f"{name}.ds.json"
-            path.write_text(json.dumps({**load_ds_json(ROOT / stage_json), **ds_extra}, indent=1))
-            over = [o for o in over if not o.startswith("deepspeed_config=")] + [f"deepspeed_config={path}"]
+            path.write_text(json.dumps({**load_ds_json(f"ds_configs/zero{stage}.json"), **ds_extra}, indent=1))
+            over = [*over, f"deepspeed_config={path}"]
         common = ["data.kind=synthetic", "data.synthetic.num_videos=64", f"optim.max_steps={steps}",
                   *([f"optim.batch_size={batch}"] if size == "g" else []), *(SMOKE if smoke else [])]
         share = (budget - (time.time() - t0)) / (len(runs) - i)
@@ -259,12 +257,17 @@ def stage_loader(out: Path, budget: float, steps: int, smoke: bool = False) -> d
     return res
 
 
+def fmt(x: float | None, pct: bool = False) -> str:
+    return "n/a" if x is None else (f"{x * 100:.1f}%" if pct else f"{x:.1f}")
+
+
+def times(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}x"
+
+
 def table(results: dict) -> str:
     rows = ["| check | result | clips/s | MFU (fwd+bwd only) | peak / reserved GiB | start-up s | notes |",
             "|---|---|---|---|---|---|---|"]
-
-    def fmt(x: float | None, pct: bool = False) -> str:
-        return "n/a" if x is None else (f"{x * 100:.1f}%" if pct else f"{x:.1f}")
 
     def engine_row(label: str, e: dict, notes: str) -> str:
         mfu = fmt(e.get("mfu"), True) + (f" ({fmt(e['mfu_fwd_bwd'], True)})" if e.get("mfu_fwd_bwd") else "")
@@ -275,9 +278,6 @@ def table(results: dict) -> str:
     rows.append(f"| gpu tests | {_status(t, 'pass')} | | | | | {t.get('summary', '')} |")
     b = results.get("bench", {})
     rows.append(f"| vmae-bench B, g | {_status(b, 'done')} | | | | | report {b.get('report')} |")
-    def times(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.2f}x"
-
     for r in b.get("ratios", []):  # encoder-only / dual: > 1 means dual masking is faster / smaller
         rows.append(f"| encoder-only / dual, ViT-{r['model']} {r['kernel']} ckpt {r['ckpt']} b{r['batch']} | "
                     f"{times(r.get('time'))} time | | | {times(r.get('peak'))} peak | | paper "
@@ -315,7 +315,7 @@ def targets(results: dict) -> list[str]:
     speedup = g_clips / authors if g_clips and authors else None
 
     def line(what: str, got: float | None, want: float, unit: str) -> str:
-        show = (lambda x: f"{x * 100:.1f}%") if unit == "%" else (lambda x: f"{x:.2f}x")
+        show = (lambda x: fmt(x, pct=True)) if unit == "%" else times
         if got is None:
             return f"- {what}: not measured (target {show(want)})"
         return f"- {what}: {show(got)} ({'meets' if got >= want else 'below'} the target {show(want)})"
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = [("engine", 200, lambda b: stage_engine(out, b, args.steps, args.g_batch, tuple(args.runs), sm)),
             ("authors", 55, lambda b: stage_authors(out, b, args.g_batch, 4 if not sm else 1, sm)),
             ("bench", 80, lambda b: stage_bench(out, b, sm)),
-            ("tests", 50, lambda b: stage_tests(out, b, sm)),
+            ("tests", 50, lambda b: stage_tests(out, b)),
             ("umt", 40, lambda b: stage_umt(out, b, args.steps, sm)),
             ("loader", 45, lambda b: stage_loader(out, b, 15 if not sm else 3, sm))]
     plan = [p for p in plan if not args.only or p[0] in args.only]

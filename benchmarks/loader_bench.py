@@ -37,6 +37,7 @@ from vmae_ds.data import DataConfig, build_pretrain_loader, default_mask_fn, tok
 from vmae_ds.data.shards import ShardSpecError, resolve_shards
 from vmae_ds.data.stream import ShardReader, initial_position, parse_sample
 from vmae_ds.data.transforms import IMAGENET_MEAN, IMAGENET_STD, multiscale_crop_box, train_indices
+from vmae_ds.engine.data_source import endless
 
 
 class ReferenceStream(IterableDataset):
@@ -195,12 +196,8 @@ def _rounds(cfg: DataConfig, urls: list[str], a: argparse.Namespace) -> dict[str
     def run_ours() -> dict:
         loader = build_pretrain_loader(cfg, batch_size=a.batch_size, rank=0, world_size=1, seed=0,
                                        mask_fn=default_mask_fn(token_grid(cfg)))
-        def endless() -> Iterator[dict]:  # exact epochs end; the stream itself runs on
-            while True:
-                yield from loader
-
-        try:
-            return measure(endless(), a.batches, a.warmup, a.batch_size)
+        try:  # exact epochs end; the measured stream runs on
+            return measure(endless(loader), a.batches, a.warmup, a.batch_size)
         finally:
             loader.close()
 

@@ -17,7 +17,9 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -30,47 +32,33 @@ METADATA_OPS = {"aten::view", "aten::narrow", "aten::_has_compatible_shallow_cop
                 "aten::_unsafe_view", "aten::select", "aten::split", "aten::unbind", "aten::chunk"}
 
 
-def count_step(engine, objective, stream, steps: int) -> dict:
-    """Top-level aten ops of one profiled `engine.step()`, and the median host milliseconds of `steps`
-    unprofiled ones."""
-    host_ms = []
-    for i in range(steps + 1):
-        loss, _ = objective.loss(engine, objective.to_device(next(stream)))
-        engine.backward(loss)
-        if i < steps:
-            t0 = time.perf_counter()
-            engine.step()
-            host_ms.append((time.perf_counter() - t0) * 1e3)
-            continue
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            engine.step()
-    top, data = _top_ops(prof)
-    return {"ops": len(top), "data_ops": len(data), "host_ms": statistics.median(host_ms) if host_ms else 0.0,
-            "top_data_ops": Counter(data).most_common(5)}
-
-
-def _top_ops(prof: torch.profiler.profile) -> tuple[list, list[str]]:
-    """Top-level aten ops (not called from another aten op), and the names of those that touch data."""
+def profiled(fn: Callable[[], Any]) -> tuple[Any, list, list[str]]:
+    """fn()'s result, its top-level aten ops (not called from another aten op), and the names of those that
+    touch data."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = fn()
     top = [e for e in prof.events() if e.name.startswith("aten::")
            and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
-    return top, [e.name for e in top if e.name not in METADATA_OPS]
+    return result, top, [e.name for e in top if e.name not in METADATA_OPS]
 
 
-def count_phases(engine, objective, stream) -> dict[str, int]:
-    """Data-touching top-level ops of one whole training step, per phase: on a GPU, at least this many kernel
-    launches a step, which the host must issue faster than the device runs them."""
-    out = {}
-    batch = objective.to_device(next(stream))
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        loss, _ = objective.loss(engine, batch)
-    out["forward + loss"] = len(_top_ops(prof)[1])
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+def count_step(engine, objective, stream, steps: int) -> dict:
+    """Whole training steps: the median host milliseconds of `steps` unprofiled `engine.step()` calls, then one
+    step profiled phase by phase (forward + loss, backward, optimizer step)."""
+    host_ms = []
+    for _ in range(steps):
+        loss, _ = objective.loss(engine, objective.to_device(next(stream)))
         engine.backward(loss)
-    out["backward"] = len(_top_ops(prof)[1])
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
         engine.step()
-    out["optimizer step"] = len(_top_ops(prof)[1])
-    return out
+        host_ms.append((time.perf_counter() - t0) * 1e3)
+    batch = objective.to_device(next(stream))
+    (loss, _), _, forward = profiled(lambda: objective.loss(engine, batch))
+    _, _, backward = profiled(lambda: engine.backward(loss))
+    _, top, data = profiled(engine.step)
+    return {"ops": len(top), "data_ops": len(data), "host_ms": statistics.median(host_ms) if host_ms else 0.0,
+            "top_data_ops": Counter(data).most_common(5),
+            "phases": {"forward + loss": len(forward), "backward": len(backward), "optimizer step": len(data)}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     engine, _ = build_engine(cfg, ds, objective)
     objective.setup(engine.device)
     stream = endless(loader)
-    count_step(engine, objective, stream, 2)  # warm-up: buffers allocated, AdamW state created
+    for _ in range(2):  # warm-up: buffers allocated, AdamW state created
+        engine.backward(objective.loss(engine, objective.to_device(next(stream)))[0])
+        engine.step()
     theirs = count_step(engine, objective, stream, a.steps)
     install(engine.optimizer)
     ours = count_step(engine, objective, stream, a.steps)
@@ -118,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {label} | {r['ops']} | {r['data_ops']} | {r['host_ms']:.1f} |")
     print(f"most frequent data ops, DeepSpeed's: {theirs['top_data_ops']}")
     print(f"most frequent data ops, fused: {ours['top_data_ops']}")
-    phases = count_phases(engine, objective, stream)
+    phases = ours["phases"]
     print("whole training step with the fused checks, data-touching ops per phase: "
           + ", ".join(f"{k} {v}" for k, v in phases.items()) + f"; {sum(phases.values())} in all")
     return 0

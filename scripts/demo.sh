@@ -7,17 +7,13 @@
 #   DEMO_OUT=/tmp/d STEPS=400 bash scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
 OUT=${DEMO_OUT:-demo_out}
 STEPS=${STEPS:-300}
 VIDEOS=${VIDEOS:-48}
 HALF=$((STEPS / 2))
-if [ -z "${DS_ACCELERATOR:-}" ] && ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  export DS_ACCELERATOR=cpu
-fi
+MASTER_PORT=${MASTER_PORT:-29533}  # each demo its own port: two demos can run at once
+source scripts/demo_common.sh
 device=$([ "${DS_ACCELERATOR:-}" = cpu ] && echo "CPU (gloo)" || echo "GPU")
-rm -rf "$OUT" && mkdir -p "$OUT"
-step() { printf '\n== %s\n' "$*"; }
 t0=$(date +%s)
 
 step "1/6 making $VIDEOS small H.264 clips (built in, no download)"
@@ -32,18 +28,13 @@ step "2/6 building WebDataset shards"
 epochs=$(( (STEPS + 5) / 6 ))
 common=(name=demo "output_dir=$OUT/runs" data.kind=shards "data.shards.shards=$OUT/shards"
         data.shards.num_workers=1 optim.epochs=$epochs checkpoint.every_steps=50 logging.every_steps=25)
-launch() {
-  "$PY" -m deepspeed.launcher.runner --num_gpus 2 --master_port "${MASTER_PORT:-29533}" \
-    --module vmae_ds.pretrain --config configs/pretrain/debug_cpu.yaml "$@" 2>&1 \
-    | { grep -vE "^\[20..-..-.. ..:..:..,...\] \[(INFO|WARNING)\]|FutureWarning|return func\(|No CUDA runtime|built successfully" \
-    || true; }
-}
+pretrain() { launch vmae_ds.pretrain --config configs/pretrain/debug_cpu.yaml "$@"; }
 
 step "3/6 pretraining vit_tiny_debug, dual masking, ZeRO-3, activation checkpointing, 2 ranks on $device: steps 1-$HALF"
-launch "${common[@]}" optim.max_steps=$HALF
+pretrain "${common[@]}" optim.max_steps=$HALF
 
 step "4/6 resuming from the newest complete checkpoint: steps $((HALF + 1))-$STEPS"
-launch "${common[@]}" --resume auto
+pretrain "${common[@]}" --resume auto
 
 step "5/6 exporting consolidated fp32 weights"
 "$PY" -m vmae_ds.export "$OUT/runs/demo" "$OUT/vit_tiny_debug.safetensors"

@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${DEMO_OUT:-demo_umt_out}
 STEPS=${STEPS:-80}
+MASTER_PORT=${MASTER_PORT:-29551}  # each demo its own port: two demos can run at once
 source scripts/demo_common.sh
 t0=$(date +%s)
 

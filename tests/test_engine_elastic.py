@@ -54,3 +54,16 @@ def test_resume_on_another_world_size_keeps_every_clip_of_the_epoch_once(tmp_pat
     # carries on; the peak follows the linear rule, so it scales with the global batch (1 clip per rank)
     assert m[first + 1]["lr"] / after > lr_before / before > 0
     assert all(r["loss"] == r["loss"] for r in m.values())  # finite throughout
+
+
+def test_synthetic_data_on_another_world_size_is_refused_in_one_line_before_any_conversion(tmp_path):
+    """Only the shard loader can re-deal an epoch: a synthetic run resumed on another world size stops at once,
+    naming the checkpoint and both world sizes (it used to crash after DeepSpeed's universal conversion)."""
+    cfg = write_config(tmp_path / "c.yaml", name="syn", output_dir=str(tmp_path / "runs"),
+                       optim={"max_steps": 2}, checkpoint={"every_steps": 2}, logging={"every_steps": 1})
+    code, log = run("--config", str(cfg), log=tmp_path / "a.log", ranks=2)
+    assert code == 0, log[-3000:]
+    code, log = run("--config", str(cfg), "--resume", "auto", log=tmp_path / "b.log", ranks=1)
+    assert code == 2, log[-3000:]
+    assert "was written by 2 rank(s), this start has 1: data.kind synthetic cannot be re-dealt" in log, log[-3000:]
+    assert not (tmp_path / "runs" / "syn" / "checkpoints" / "universal").exists(), "converted before refusing"

@@ -214,10 +214,10 @@ class WorkerSupervisor:
 
     def _stuck(self) -> list[dict]:
         now = time.monotonic()
-        stuck = [r for r in self._records() if r.get("state") == "decoding" and now - r["t"] > self.timeout]
+        busy = [r for r in self._records() if r.get("state") == "decoding"]
+        stuck = [r for r in busy if now - r["t"] > self.timeout]
         if not stuck and now - self._slow_noted > max(self.timeout, 60):
             self._slow_noted = now  # a slow batch, not a stuck decoder: say so now and then, keep waiting
-            busy = [r for r in self._records() if r.get("state") == "decoding"]
             if busy and now - min(r["t"] for r in busy) > self.timeout / 2:
                 log.info("data: %s: waiting for a batch; decoding %s", self.what,
                          ", ".join(f"{r['key']} ({now - r['t']:.0f} s)" for r in busy))
@@ -522,9 +522,9 @@ class PretrainLoader:
         if states[0]["batch_size"] != self.batch_size:
             lines.append(f"loader: batch size {states[0]['batch_size']} -> {self.batch_size}")
         if self.mode == "exact":
-            readers = [OldReader(layout_from_json(s["layout"], len(self.urls), self.counts, self.seed), w,
-                                 copy.deepcopy(p), s["shuffle_block"])
-                       for s in states for w, p in enumerate(s["positions"])]
+            layouts = [layout_from_json(s["layout"], len(self.urls), self.counts, self.seed) for s in states]
+            readers = [OldReader(lay, w, copy.deepcopy(p), s["shuffle_block"])
+                       for s, lay in zip(states, layouts, strict=True) for w, p in enumerate(s["positions"])]
             first, left = unread(readers)
             world, rank = (1, 0) if local else (self.world_size, self.rank)
             explicit, origin = deal(left, world, self.workers, rank, k * self.videos_per_batch,

@@ -174,6 +174,8 @@ class PassLayout:
                  base: int = 0):
         self.num_shards, self.seed, self.world, self.workers, self.rank = num_shards, seed, world, workers, rank
         self.gen, self.base = gen, base
+        # readers ask for their slice once per sample: the pass's shuffle of every shard is made once
+        self._cache: dict[tuple[int, int], list[Piece]] = {}
 
     def reader(self, w: int) -> int:
         return self.rank * self.workers + w
@@ -181,10 +183,14 @@ class PassLayout:
     def slice(self, w: int, p: int) -> list[Piece]:
         if p < self.base:
             return []
-        order = shard_order(self.num_shards, self.seed, p, "pass")
-        s, g = self.num_shards, self.reader(w)
-        off = g * s // (self.world * self.workers)
-        return [Piece(order[(off + i) % s]) for i in range(s)]
+        if (w, p) not in self._cache:
+            if len(self._cache) > 4 * self.workers:
+                self._cache.clear()
+            order = shard_order(self.num_shards, self.seed, p, "pass")
+            s, g = self.num_shards, self.reader(w)
+            off = g * s // (self.world * self.workers)
+            self._cache[(w, p)] = [Piece(order[(off + i) % s]) for i in range(s)]
+        return self._cache[(w, p)]
 
     def to_json(self) -> dict:
         return {"kind": self.mode, "world": self.world, "workers": self.workers, "rank": self.rank,

@@ -128,10 +128,10 @@ class ShardReader:
     """Reads one reader's samples, piece after piece, epoch after epoch, keeping `pos` exact."""
 
     def __init__(self, urls: list[str], cfg: DataConfig, rank: int, world_size: int, workers: int, seed: int,
-                 w: int, layout: Layout | None = None, counts: list[int] | None = None):
+                 w: int, layout: Layout | None = None):
         self.urls, self.cfg, self.w, self.seed = urls, cfg, w, seed
         self.layout = layout or PassLayout(len(urls), seed, world_size, workers, rank)
-        self.counts = counts or (layout.counts if isinstance(layout, EpochLayout) else None)
+        self.counts = layout.counts if isinstance(layout, EpochLayout) else None
         self._open: tuple[int, int] | None = None
         self._name = ""
         self._it: Iterator | None = None
@@ -264,11 +264,6 @@ class MultiScaleCrops:
             raise DecodeError(f"frames of {w}x{h} are too small to crop")
         return [crop_resize_thwc(frames, multiscale_crop_box(h, w, self.size, self.scales, gen), self.size)
                 for _ in range(self.num_sample)]
-
-
-def augment(frames: torch.Tensor, cfg: DataConfig, gen: torch.Generator) -> list[torch.Tensor]:
-    """Repeated augmentation with the default transform (kept for callers of the function form)."""
-    return MultiScaleCrops(cfg)(frames, gen, {})
 
 
 class InFlight:

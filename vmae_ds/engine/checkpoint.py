@@ -40,7 +40,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never half of it (also after a crash: fsync'd)."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
@@ -66,10 +67,10 @@ def save(engine: Any, ckpt_dir: Path, step: int, client_state: dict, rank_state:
         (folder / "config.yaml").write_text(config_yaml)
         meta = {k: client_state[k] for k in ("world_size", "counters", "global_batch") if k in client_state}
         meta["zero_stage"] = engine.zero_optimization_stage()
-        _write_atomic(folder / META, json.dumps(meta) + "\n")
+        write_atomic(folder / META, json.dumps(meta) + "\n")
     dist.barrier()  # all ranks' shards are on disk before the pointer moves
     if rank == 0:
-        _write_atomic(ckpt_dir / POINTER, tag + "\n")
+        write_atomic(ckpt_dir / POINTER, tag + "\n")
         prune(ckpt_dir, keep_last)
     dist.barrier()
     return folder

@@ -7,10 +7,10 @@ the crash would decode the clip again (and crash again); the run folder's list i
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ..config import ConfigError
+from .checkpoint import write_atomic
 
 FILE = "quarantine.json"
 
@@ -27,8 +27,5 @@ def read_quarantine(run_dir: Path) -> list[str]:
 
 def write_quarantine(run_dir: Path, keys: list[str]) -> None:
     """Atomically (readers see the old or the new list)."""
-    path = Path(run_dir) / FILE
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"keys": sorted(set(keys)), "why": "a decoder crashed or hung on these clips; "
-                               "every start of this run skips them"}, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(Path(run_dir) / FILE, json.dumps({"keys": sorted(set(keys)), "why": "a decoder crashed or hung on "
+                                                   "these clips; every start of this run skips them"}, indent=1) + "\n")

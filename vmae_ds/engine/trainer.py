@@ -120,6 +120,10 @@ def train(cfg: RunConfig, resume: str | None, objective: Any) -> int:
     d, ds = prepare(cfg, loader)
     meta = ckpt.read_meta(folder) if folder is not None else {}
     elastic = folder is not None and meta.get("world_size") != world
+    if elastic and not hasattr(loader, "load_elastic"):  # before any process group or checkpoint conversion
+        raise RunStopped(f"{folder} was written by {meta.get('world_size')} rank(s), this start has {world}: "
+                         f"data.kind {cfg.data.kind} cannot be re-dealt to another world size (shards can); "
+                         f"resume with {meta.get('world_size')} rank(s)", 2)
     if elastic:  # ZeRO shards of another world size: DeepSpeed's universal format re-partitions them
         ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
     on_cpu = get_accelerator().device_name() == "cpu"
@@ -203,8 +207,7 @@ def _restore(engine: Any, folder: Path, cfg: RunConfig, world: int, loader: Any,
                 f"videos; the lr schedule continues at {state.videos} videos seen (lr {lr:.4g})"
                 + (f"; ZeRO states re-partitioned from DeepSpeed's universal copy {universal}" if universal else ""))
         for line in lines:
-            if line and "exact resume" not in line:
-                say(line)
+            say(line)
         latest = ckpt.read_pointer(ckpt_dir) or ""
         for stale in ckpt_dir.glob("step_*"):  # newer than the pointer = half-written by a killed run
             if stale.name > latest:
@@ -222,8 +225,7 @@ class _Loop:
         self.config_yaml, self.host_group, self.last_ckpt = config_yaml, host_group, last_ckpt
         self.ckpt_dir = run_dir / "checkpoints"
         # the schedule runs on videos seen, so a resume on another world size ends where the recipe ends
-        self.stop_videos = d.total_steps * d.global_batch
-        left = -(-(self.stop_videos - state.videos) // d.global_batch)
+        left = -(-(d.total_steps * d.global_batch - state.videos) // d.global_batch)
         self.stop_at = min(state.step + max(left, 0), cfg.optim.max_steps or 1 << 62)
         flops = objective.flops_per_sample()
         self.model_flops, self.teacher_flops = flops["model"], flops.get("teacher", 0.0)

@@ -4,14 +4,14 @@ DeepSpeed's stage-1/2 optimizer tests every gradient tensor for inf/NaN (max, mi
 kernels each) and then takes every tensor's norm (a float64 copy, a norm, a copy): about ten launches and a
 few dozen Python calls per tensor, issued after the overflow flag has been read back, i.e. while the GPU
 waits. ViT-g has 582 gradient tensors: 5916 data-touching ops per step (`python -m benchmarks.optimizer_ops`),
-the likeliest cause of the 0.25 s "optimizer" phase of a 0.86 s step on the H200, where bandwidth alone would
-need under 10 ms (UMT-B, 12x fewer weights, still spent 0.08 s there). Not yet timed on a GPU.
+the likeliest cause of the 0.25 s "optimizer" phase of a 0.86 s step on the H200 (UMT-B, a ViT-B-sized
+student, still spent 0.08 s there). Not yet timed on a GPU.
 `torch._foreach_norm` does the same float64 norms in one call; a norm in float64 is non-finite exactly when some
 element is (the square of the largest bf16/fp32 value fits), so the same norms also answer the overflow question.
 
 The results are DeepSpeed's to the bit on the CPU (same float64 norms, same sum, same all-reduces; see
 tests/test_zero_checks.py). On CUDA the multi-tensor kernel accumulates the same float64 squares in another
-order, a difference of ~1e-16 relative before the sum is cast to float32. Installed on the optimizer instance,
+order (not yet compared on a GPU). Installed on the optimizer instance,
 so DeepSpeed's class stays untouched; layouts it does not cover (CPU offload, model parallel, MoE) keep
 DeepSpeed's own code. ZeRO-3 already tests overflow on its flat gradient buffer; only its norm is replaced.
 """
