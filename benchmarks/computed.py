@@ -15,10 +15,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vmae_ds.flops import pretrain_flops
 from vmae_ds.masking import select_tokens
+from vmae_ds.memory.fake import fake_cpu
+from vmae_ds.memory.saved_tensors import SavedTensorCounter, attribute_to_blocks
 from vmae_ds.models import count_params, create_pretrain_model, get_spec
 
-from .saved_tensors import SavedTensorCounter, attribute_to_blocks
-from .shape_only import fake_cpu
 from .step import Cell, forward_loss, make_batch, model_blocks
 
 

@@ -2,11 +2,13 @@
 
 Stages, in this order (each a subprocess with its own time budget; a stage that fails or runs out of time is
 reported as such, with what it measured before, and the next one runs):
-  engine     training runs under the engine on synthetic clips held in memory (the loader is not measured), bf16,
-             one per --runs entry SIZE:STAGE:CKPT[:OPTION...] (default g:2:none g:2:full g:3:full B:2:none):
-             clips/s, MFU (and over forward + backward only), peak / reserved memory, step split (data / forward /
-             backward / optimizer), start-up seconds, host syncs a step (debug.sync_report), the error line of a
-             failed run
+  engine     training runs under the engine on synthetic clips kept on the device (data.synthetic.resident: no host
+             work, as a pinned batch would arrive), bf16, one per --runs entry SIZE:STAGE:CKPT[:OPTION...]
+             (default: ViT-g with checkpointing auto and full, each also with DeepSpeed's per-bucket synchronize
+             (overlap), the faster of the two plus torch.compile, and ViT-B without checkpointing): clips/s, MFU
+             (and over forward + backward only), peak / reserved memory next to the estimate made at start,
+             step split (next batch / forward / backward / optimizer), start-up seconds, host syncs a step
+             (debug.sync_report), the error line of a failed run
   authors    the same ViT-g step the authors' way: fp16 autocast + grad scaler, eager math attention, every block
              checkpointed, plain PyTorch: the speedup is a ratio of two numbers from this one run
   bench      vmae-bench for ViT-B and ViT-g: sdpa and math, dual vs encoder-only, checkpointing off, peak memory
@@ -133,6 +135,10 @@ def _engine(out: Path, name: str, budget: float, overrides: list[str], config: s
     if code not in (0, None):  # the reason in one line (an out-of-memory, a config error, ...)
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         res["error"] = next((ln for ln in reversed(lines) if "Error" in ln or "error:" in ln), (lines or ["?"])[-1])
+    plan = re.search(r"memory estimate \(per device, micro-batch \d+ samples\): peak ([0-9.]+) GiB with "
+                     r"checkpointing ([a-z]+(?: \d+)?)", text)
+    if plan:  # what the memory plan predicted (and, with auto, chose) before anything was built
+        res["estimate_gib"], res["ckpt_used"] = float(plan.group(1)), plan.group(2)
     if (run_dir / "metrics.jsonl").exists():
         res.update(_metrics(run_dir, skip))
     split = res.get("split") or {}
@@ -144,35 +150,40 @@ def _engine(out: Path, name: str, budget: float, overrides: list[str], config: s
 
 SMOKE = ["model.name=vit_tiny_debug", "masks.encoder_ratio=0.75", "model.attention=sdpa"]
 RECIPES = {"g": "configs/pretrain/vit_giant_hybrid.yaml", "B": "configs/pretrain/vit_base_hybrid.yaml"}
-# ckpt none first: on a 141 GB card ViT-g's 128 samples should fit without recompute (0.46 GiB of saved
-# activations a sample by the bench's fake-tensor count, 59 GiB, over the 23.4 GiB peak of the checkpointed run);
-# the recipe's every-block checkpointing is for 80 GB cards
-ENGINE_RUNS = ("g:2:none", "g:2:full", "g:3:full", "B:2:none")
+# auto first (the recipe's default: on a 141 GB card the memory plan expects ViT-g's 128 samples to fit without
+# recompute), then every block checkpointed; each again with DeepSpeed's per-bucket synchronize (overlap: what ran
+# before the world-size-1 default turned it off); `best` is the faster checkpointing of the g runs before it
+ENGINE_RUNS = ("g:2:auto", "g:2:full", "g:2:auto:overlap", "g:2:full:overlap", "g:2:best:compile", "B:2:none")
 
 
 # options after SIZE:STAGE:CKPT, each one change against the defaults, so its effect is a ratio of two runs
 RUN_OPTIONS = {"compile": ["speed.compile=true"], "unfused": ["optim.fused=false"],
-               "dschecks": ["speed.fused_grad_checks=false"], "fp32comm": []}
+               "dschecks": ["speed.fused_grad_checks=false"], "fp32comm": [], "overlap": ["speed.overlap_comm=true"]}
 
 
 def parse_run(spec: str) -> tuple[str, list[str], dict]:
     """'SIZE:STAGE:CKPT[:OPTION...]' -> (name, run-config overrides, DeepSpeed JSON additions).
 
-    CKPT: none | full | selN (the first N encoder blocks). OPTION: compile (torch.compile the blocks), unfused
-    (AdamW without the fused kernel), dschecks (DeepSpeed's per-tensor gradient checks), fp32comm (gradients
-    reduced in fp32: DeepSpeed's communication_data_type)."""
+    CKPT: auto (the memory plan's choice) | none | full | selN (the first N encoder blocks) | best (the faster of
+    the earlier runs of the same size, resolved by stage_engine). OPTION: compile (torch.compile the blocks),
+    unfused (AdamW without the fused kernel), dschecks (DeepSpeed's per-tensor gradient checks), fp32comm (gradients
+    reduced in fp32: DeepSpeed's communication_data_type), overlap (DeepSpeed's overlap_comm on, with its
+    device synchronize per gradient bucket, also at world size 1)."""
     parts = spec.split(":")
     if len(parts) < 3 or parts[0] not in RECIPES or parts[1] not in ("1", "2", "3"):
         raise argparse.ArgumentTypeError(f"engine run {spec!r}: expected SIZE:STAGE:CKPT[:OPTION...] with SIZE in "
-                                         f"{sorted(RECIPES)}, STAGE 1/2/3, CKPT none/full/selN, e.g. g:2:none")
+                                         f"{sorted(RECIPES)}, STAGE 1/2/3, CKPT auto/none/full/selN/best, "
+                                         f"e.g. g:2:auto")
     size, stage, ckpt, *options = parts
     over = [f"deepspeed_config=ds_configs/zero{stage}.json"]
-    if ckpt in ("none", "full"):
+    if ckpt in ("auto", "none", "full"):
         over.append(f"activation_checkpointing.mode={ckpt}")
+    elif ckpt == "best":
+        pass  # stage_engine substitutes the measured winner before the run
     elif ckpt.startswith("sel") and ckpt[3:].isdigit() and int(ckpt[3:]) > 0:
         over += ["activation_checkpointing.mode=selective", f"activation_checkpointing.num_blocks={ckpt[3:]}"]
     else:
-        raise argparse.ArgumentTypeError(f"engine run {spec!r}: CKPT must be none, full or selN (N >= 1)")
+        raise argparse.ArgumentTypeError(f"engine run {spec!r}: CKPT must be auto, none, full, selN (N >= 1) or best")
     for opt in options:
         if opt not in RUN_OPTIONS:
             raise argparse.ArgumentTypeError(f"engine run {spec!r}: unknown option {opt!r} (known: "
@@ -195,6 +206,7 @@ def stage_engine(out: Path, budget: float, steps: int, batch: int, runs: tuple[s
     """Each run under the engine on synthetic clips held in memory; the budget split evenly."""
     results, t0 = {}, time.time()
     for i, spec in enumerate(runs):
+        spec = resolve_best(spec, results)
         name, over, ds_extra = parse_run(spec)
         size, stage = spec.split(":")[:2]
         if ds_extra:  # the stage's JSON plus the option, written next to the report (the last override wins)
@@ -203,11 +215,26 @@ def stage_engine(out: Path, budget: float, steps: int, batch: int, runs: tuple[s
             path = out / f"{name}.ds.json"
             path.write_text(json.dumps({**load_ds_json(f"ds_configs/zero{stage}.json"), **ds_extra}, indent=1))
             over = [*over, f"deepspeed_config={path}"]
-        common = ["data.kind=synthetic", "data.synthetic.num_videos=64", f"optim.max_steps={steps}",
+        common = ["data.kind=synthetic", "data.synthetic.num_videos=64", "data.synthetic.resident=true",
+                  f"optim.max_steps={steps}",
                   *([f"optim.batch_size={batch}"] if size == "g" else []), *(SMOKE if smoke else [])]
         share = (budget - (time.time() - t0)) / (len(runs) - i)
         results[spec] = _engine(out, name, share, [*over, *common], RECIPES[size])
     return results
+
+
+def resolve_best(spec: str, results: dict) -> str:
+    """SIZE:STAGE:best[:...] -> the checkpointing of the fastest earlier run of that size (as the memory plan
+    resolved it for auto); auto when none has finished."""
+    size, stage, ckpt, *options = spec.split(":")
+    if ckpt != "best":
+        return spec
+    done = [(e.get("clips_per_s") or 0, e.get("ckpt_used") or k.split(":")[2]) for k, e in results.items()
+            if k.startswith(f"{size}:") and e.get("ok")]
+    used = max(done)[1] if done else "auto"
+    used = {"none": "none", "full": "full"}.get(used, "sel" + used.split()[-1] if used.startswith("selective")
+                                                else "auto")
+    return ":".join([size, stage, used, *options])
 
 
 def stage_authors(out: Path, budget: float, batch: int, steps: int, smoke: bool = False) -> dict:
@@ -266,13 +293,15 @@ def times(x: float | None) -> str:
 
 
 def table(results: dict) -> str:
-    rows = ["| check | result | clips/s | MFU (fwd+bwd only) | peak / reserved GiB | start-up s | notes |",
+    rows = ["| check | result | clips/s | MFU (fwd+bwd only) | peak / reserved GiB (estimate) | start-up s | notes |",
             "|---|---|---|---|---|---|---|"]
 
     def engine_row(label: str, e: dict, notes: str) -> str:
         mfu = fmt(e.get("mfu"), True) + (f" ({fmt(e['mfu_fwd_bwd'], True)})" if e.get("mfu_fwd_bwd") else "")
+        est = e.get("estimate_gib")
+        off = f", {(e['peak_gib'] - est) / est:+.0%}" if est and e.get("peak_gib") else ""
         return (f"| {label} | {_status(e)} | {fmt(e.get('clips_per_s'))} | {mfu} | {fmt(e.get('peak_gib'))} / "
-                f"{fmt(e.get('reserved_gib'))} | {fmt(e.get('startup_s'))} | {notes} |")
+                f"{fmt(e.get('reserved_gib'))} ({fmt(est)}{off}) | {fmt(e.get('startup_s'))} | {notes} |")
 
     t = results.get("tests", {})
     rows.append(f"| gpu tests | {_status(t, 'pass')} | | | | | {t.get('summary', '')} |")
@@ -285,8 +314,9 @@ def table(results: dict) -> str:
     engine = results.get("engine", {})
     for spec, e in engine.items():
         size, stage, ckpt, *extra = spec.split(":")
-        split = " ".join(f"{k} {v * 100:.0f}%" for k, v in e.get("split", {}).items() if k != "data")
-        label = f"ViT-{size} ZeRO-{stage} bf16, ckpt {ckpt}" + "".join(f", {x}" for x in extra)
+        split = " ".join(f"{k.replace('_', ' ')} {v * 100:.0f}%" for k, v in e.get("split", {}).items())
+        used = f" -> {e['ckpt_used']}" if ckpt == "auto" and e.get("ckpt_used") else ""
+        label = f"ViT-{size} ZeRO-{stage} bf16, ckpt {ckpt}{used}" + "".join(f", {x}" for x in extra)
         notes = split + (f"; {e['syncs_per_step']:g} host syncs a step" if e.get("syncs_per_step") is not None else "")
         rows.append(engine_row(label, e, notes + (f"; {e['error']}" if e.get("error") else "")))
     a = results.get("authors", {})
@@ -339,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", choices=("tests", "bench", "engine", "authors", "umt", "loader"),
                    help="run only these stages")
     p.add_argument("--g-batch", type=int, default=32, help="ViT-g clips per micro-step (x num_sample 4)")
-    p.add_argument("--steps", type=int, default=15, help="engine steps per run (the first 5 are warm-up)")
+    p.add_argument("--steps", type=int, default=12, help="engine steps per run (the first 5 are warm-up)")
     p.add_argument("--runs", nargs="+", type=_run_spec, default=list(ENGINE_RUNS), metavar="SIZE:STAGE:CKPT",
                    help="engine runs, SIZE g or B, ZeRO STAGE 1/2/3, CKPT none / full / selN (the first N encoder "
                    f"blocks), then options: {', '.join(RUN_OPTIONS)} (see parse_run); default: "
@@ -360,12 +390,13 @@ def main(argv: list[str] | None = None) -> int:
     sm = args.smoke
     # shares from the first H200 runs: a ViT-g engine run needs ~40 s to start and ~1 s a step at 128 samples;
     # the engine comes first: if the machine is taken back early, its numbers are the ones that matter
-    plan = [("engine", 200, lambda b: stage_engine(out, b, args.steps, args.g_batch, tuple(args.runs), sm)),
-            ("authors", 55, lambda b: stage_authors(out, b, args.g_batch, 4 if not sm else 1, sm)),
-            ("bench", 80, lambda b: stage_bench(out, b, sm)),
-            ("tests", 50, lambda b: stage_tests(out, b)),
-            ("umt", 40, lambda b: stage_umt(out, b, args.steps, sm)),
-            ("loader", 45, lambda b: stage_loader(out, b, 15 if not sm else 3, sm))]
+    # six engine runs of ~40 s start-up and 12 steps each take the most; what answers the targets comes first
+    plan = [("engine", 300, lambda b: stage_engine(out, b, args.steps, args.g_batch, tuple(args.runs), sm)),
+            ("authors", 40, lambda b: stage_authors(out, b, args.g_batch, 4 if not sm else 1, sm)),
+            ("bench", 45, lambda b: stage_bench(out, b, sm)),
+            ("tests", 30, lambda b: stage_tests(out, b)),
+            ("umt", 25, lambda b: stage_umt(out, b, args.steps, sm)),
+            ("loader", 30, lambda b: stage_loader(out, b, 12 if not sm else 3, sm))]
     plan = [p for p in plan if not args.only or p[0] in args.only]
     total_share = sum(share for _, share, _ in plan)
     for name, share, fn in plan:

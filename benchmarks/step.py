@@ -11,9 +11,8 @@ from torch.utils.checkpoint import checkpoint
 
 from vmae_ds.losses import pixel_target, reconstruction_loss
 from vmae_ds.masking import TokenGrid, make_masks
+from vmae_ds.memory.saved_tensors import SavedTensorCounter, attribute_to_blocks
 from vmae_ds.models import PretrainVideoMAE, create_pretrain_model
-
-from .saved_tensors import SavedTensorCounter, attribute_to_blocks
 
 MASKINGS = ("encoder_only", "dual")
 CKPT = ("off", "on")

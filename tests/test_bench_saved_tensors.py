@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks.computed import analytic_flops, counted_flops, fake_step
-from benchmarks.saved_tensors import SavedTensorCounter
 from benchmarks.step import Cell, build_model, count_saved, make_batch
+from vmae_ds.memory.saved_tensors import SavedTensorCounter
 
 F32, BF16 = 4, 2
 

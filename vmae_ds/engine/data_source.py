@@ -1,4 +1,4 @@
-"""Where batches come from: the synthetic source or the `vmae_ds.data` shard loader, and epoch length."""
+"""Epoch length of a run's loader, and an endless walk over it."""
 
 from __future__ import annotations
 
@@ -6,26 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..config import ConfigError
-from ..masking import TokenGrid
 from .run_config import RunConfig
-from .synthetic import SyntheticLoader
-
-
-def build_loader(cfg: RunConfig, rank: int, world: int) -> Any:
-    spec = cfg.model.spec()
-    grid = TokenGrid(spec.num_frames // spec.tubelet_size, spec.img_size // spec.patch_size,
-                     spec.img_size // spec.patch_size)
-    masks = cfg.masks.model_dump()
-    if cfg.data.kind == "synthetic":
-        s = cfg.data.synthetic
-        return SyntheticLoader(num_videos=s.num_videos, seed=s.seed + cfg.seed, frames=spec.num_frames,
-                               size=spec.img_size, grid=grid, batch_videos=cfg.optim.batch_size,
-                               num_sample=cfg.data.num_sample, rank=rank, world_size=world, masks=masks)
-    from ..data import build_pretrain_loader, default_mask_fn
-    mask_fn = default_mask_fn(grid, encoder_kind=masks["encoder"], encoder_ratio=masks["encoder_ratio"],
-                              decoder_kind=masks["decoder"], decoder_ratio=masks["decoder_ratio"])
-    return build_pretrain_loader(cfg.shards_config(), batch_size=cfg.optim.batch_size * cfg.data.num_sample,
-                                 rank=rank, world_size=world, seed=cfg.seed, mask_fn=mask_fn)
 
 
 def batches_per_epoch(cfg: RunConfig, loader: Any, world: int) -> int:

@@ -67,6 +67,7 @@ def resolve_ds_config(cfg: RunConfig, d: Derived, raw: dict | None = None) -> di
     if cfg.speed.compile and stage == 3:  # found on the CPU: dynamo stops in deepspeed/runtime/zero/linear.py
         raise ConfigError(f"speed.compile does not work with ZeRO-3 ({path}): DeepSpeed's partitioned linear layer "
                           f"cannot be traced; use a stage 1 or 2 config, or leave speed.compile off")
+    _overlap_comm(ds, cfg.speed.overlap_comm, d.world_size)
     o = cfg.optim
     micro = f"optim.batch_size {o.batch_size} x data.num_sample {cfg.data.num_sample}"
     _agree(ds, "train_micro_batch_size_per_gpu", d.micro_batch_per_gpu, micro, path)
@@ -85,6 +86,18 @@ def resolve_ds_config(cfg: RunConfig, d: Derived, raw: dict | None = None) -> di
     return ds
 
 
+def _overlap_comm(ds: dict, setting: bool | str, world_size: int) -> None:
+    """With overlap_comm DeepSpeed reduces each gradient bucket on a side stream and synchronizes the whole device
+    before reusing its buffers (ZeRO-1/2: every bucket and the end of backward); at world size 1 there is no
+    communication to hide, only those stalls. The reduced gradients are the same either way."""
+    zo = ds["zero_optimization"]
+    if setting == "auto":
+        if world_size == 1:
+            zo["overlap_comm"] = False
+    else:
+        zo["overlap_comm"] = bool(setting)
+
+
 def zero_stage(ds: dict) -> int:
     return int(ds["zero_optimization"]["stage"])
 
@@ -94,8 +107,10 @@ def offloads_optimizer(ds: dict) -> bool:
     return dev not in (None, "none")
 
 
-def build_engine(cfg: RunConfig, ds: dict, objective: Any) -> tuple[Any, list[str]]:
-    """The DeepSpeed engine around the objective's model, and report lines (weights loaded, ...)."""
+def build_engine(cfg: RunConfig, ds: dict, objective: Any,
+                 checkpointing: tuple[str, int] | None = None) -> tuple[Any, list[str]]:
+    """The DeepSpeed engine around the objective's model, and report lines (weights loaded, ...).
+    `checkpointing`: (mode, num_blocks) as planned, when activation_checkpointing.mode is auto."""
     import deepspeed
 
     torch.manual_seed(cfg.seed)  # identical init on every rank (zero.Init also broadcasts rank 0's)
@@ -109,7 +124,10 @@ def build_engine(cfg: RunConfig, ds: dict, objective: Any) -> tuple[Any, list[st
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0, enabled=stage3):
             lines = objective.initial_weights(model)
     ac = cfg.activation_checkpointing
-    model.set_activation_checkpointing(ac.mode, ac.num_blocks)
+    mode, num_blocks = checkpointing or (ac.mode, ac.num_blocks)
+    if mode == "auto":
+        raise ValueError("activation_checkpointing.mode auto must be resolved by the memory plan first")
+    model.set_activation_checkpointing(mode, num_blocks)
     if cfg.speed.compile:  # compiled lazily at the first step, which therefore takes tens of seconds
         lines.append(f"torch.compile: {compile_blocks(model)} transformer blocks")
     groups = objective.param_groups(model)

@@ -17,7 +17,13 @@ def parse_args(prog: str, description: str, epilog: str, argv: list[str] | None)
                    help="auto: newest complete checkpoint of this run (fresh start if none); "
                         "none: start fresh (default); or a checkpoint folder runs/<name>/checkpoints/step_...")
     p.add_argument("--check", action="store_true",
-                   help="validate the run config and DeepSpeed JSON, print the derived values, and exit")
+                   help="validate the run config and DeepSpeed JSON, print the derived values and the memory "
+                        "estimate (peak per device, the checkpointing that fits, the largest micro-batch), and exit")
+    p.add_argument("--gpu-memory-gib", type=float, metavar="GIB",
+                   help="plan memory for a device of this size instead of this machine's (e.g. 80 or 40); "
+                        "same as activation_checkpointing.memory_gib=GIB")
+    p.add_argument("--world-size", type=int, metavar="N",
+                   help="with --check: plan for N ranks (derived batch, lr and ZeRO partitions) without a launcher")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)  # launcher's
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     return p.parse_intermixed_args(argv)  # overrides may come before or after the options
@@ -29,10 +35,13 @@ def run_job(job: str, prog: str, description: str, epilog: str, argv: list[str] 
     args = parse_args(prog, description, epilog, argv)
     from ..objectives import REGISTRY, make_objective
     from .launch import world_from_env
+    from .memory_check import check_memory
     from .run_config import load_run_config
     from .trainer import RunStopped, prepare, train
 
     overrides = list(args.overrides)
+    if args.gpu_memory_gib is not None:
+        overrides.append(f"activation_checkpointing.memory_gib={args.gpu_memory_gib}")
     if default_objective and not any(o.split("=", 1)[0].strip() == "objective" for o in overrides) \
             and not _file_sets_objective(args.config):
         overrides = [f"objective={default_objective}", *overrides]
@@ -45,8 +54,13 @@ def run_job(job: str, prog: str, description: str, epilog: str, argv: list[str] 
         objective = make_objective(cfg)
         if args.check:
             rank, world = world_from_env()
-            d, _ = prepare(cfg, objective.build_loader(rank, world))
+            if args.world_size:
+                os.environ["WORLD_SIZE"], world = str(args.world_size), args.world_size
+            d, ds = prepare(cfg, objective.build_loader(rank, world))
             print("\n".join(d.lines(cfg.optim.base_lr)))
+            memory = check_memory(cfg, ds, world, objective, always=True)
+            print("\n".join(memory.lines()) if memory else
+                  f"memory estimate: none for objective {cfg.objective} (its frozen teacher is not counted)")
             print("config OK")
             return 0
         return train(cfg, args.resume, objective)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,14 @@ def release_cpu_shm_names(rank: int) -> None:
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     name = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
     name.unlink(missing_ok=True)
+
+
+def quiet_library_warnings() -> None:
+    """Silence warnings our users cannot act on that would otherwise repeat every step (DeepSpeed's ZeRO-3 calls
+    a torch collective that torch 2.14 marks deprecated; something in the step resets the once-per-line
+    registry, so the default filter prints it again each time)."""
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_scatter_tensor` is deprecated",
+                            category=FutureWarning)
 
 
 def init_process_group(on_cpu: bool) -> Any:

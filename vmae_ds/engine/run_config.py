@@ -33,6 +33,9 @@ class SyntheticConfig(Strict):
     num_videos: int = Field(64, gt=0)
     seed: int = 0
     num_classes: int = Field(4, ge=1, le=8, description="labels: direction of the moving square")
+    resident: bool = Field(False, description="build each distinct batch once and hand the same tensors over again "
+                           "(on the GPU: kept on the device), as a pinned, already-decoded batch would arrive: "
+                           "benchmarks of the engine then measure no host work")
 
 
 class DataSection(Strict):
@@ -77,8 +80,15 @@ class OptimConfig(Strict):
 
 
 class ActivationCheckpointing(Strict):
-    mode: Literal["none", "full", "selective"] = "none"
+    """Recompute blocks in backward instead of keeping what they saved. auto: the fastest choice whose estimated
+    peak fits the device (none, then selective with as few blocks as needed, then full; vmae_ds.memory.plan)."""
+
+    mode: Literal["auto", "none", "full", "selective"] = "none"
     num_blocks: int = Field(0, ge=0, description="selective: checkpoint the first K encoder blocks")
+    memory_gib: float | None = Field(None, gt=0, description="plan for this much memory per device instead of "
+                                     "what the device has (e.g. 80 for an 80 GB card; on the CPU: host RAM / ranks)")
+    margin: float = Field(0.15, ge=0, lt=1, description="plan to capacity / (1 + margin): allocator fragmentation "
+                          "and the estimate's error")
 
     @model_validator(mode="after")
     def _k(self) -> ActivationCheckpointing:
@@ -107,6 +117,10 @@ class SpeedConfig(Strict):
     compile: bool = Field(False, description="torch.compile every transformer block")
     fused_grad_checks: bool = Field(True, description="DeepSpeed ZeRO's inf/NaN test (stages 1/2) and gradient "
                                     "norm in one multi-tensor pass instead of kernels per tensor (same results)")
+    overlap_comm: bool | Literal["auto"] = Field(
+        "auto", description="DeepSpeed's zero_optimization.overlap_comm: reduce gradients on a side stream while "
+        "backward runs, at the price of a device synchronize per gradient bucket (ZeRO-1/2). auto: off at world "
+        "size 1, where there is nothing to overlap; else as the DeepSpeed JSON says")
 
 
 class DebugConfig(Strict):
@@ -117,6 +131,8 @@ class DebugConfig(Strict):
     step_sleep_s: float = Field(0.0, ge=0, description="sleep inside every step, before the optimizer step "
                                 "(gives kill / pre-emption tests a long step to hit)")
     sleep_steps: list[int] = Field(default_factory=list, description="1-based steps that sleep (default: all)")
+    fetch_sleep_s: float = Field(0.0, ge=0, description="sleep in every batch fetch, as a slow loader would (shows "
+                                 "that the step does not wait for batch preparation)")
     dump_gathered: str | None = Field(None, description="torch.save the gathered fp32 params here at the end")
     log_keys: bool = Field(False, description="append every consumed batch's sample keys to "
                            "<run>/keys.rank<r>.jsonl (coverage audits)")

@@ -24,14 +24,24 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from ..config import ConfigError
 from . import checkpoint as ckpt
 from .data_source import batches_per_epoch, endless
-from .device import Prefetcher, StepTimer, SyncCounter
+from .device import StepTimer, SyncCounter
 from .ds_setup import build_engine, gathered_state, resolve_ds_config
-from .launch import init_process_group, portable_config, set_rank_threads, single_process_env, world_from_env
+from .launch import (
+    init_process_group,
+    portable_config,
+    quiet_library_warnings,
+    set_rank_threads,
+    single_process_env,
+    world_from_env,
+)
+from .memory_check import check_memory
 from .metrics import PEAK_BF16_FLOPS, MetricsWriter, detect_device_name, peak_memory_gib, progress_line, say
 from .optim import Derived, derive, lr_at
 from .preemption import Preemption
+from .prefetch import BatchPrefetcher
 from .quarantine import read_quarantine, write_quarantine
 from .resume import resume_conflicts
 from .run_config import RunConfig
@@ -103,6 +113,7 @@ def train(cfg: RunConfig, resume: str | None, objective: Any) -> int:
     from deepspeed.accelerator import get_accelerator
 
     started = time.perf_counter()
+    quiet_library_warnings()
 
     if single_process_env():
         say("no launcher environment (RANK, WORLD_SIZE): running 1 process; for more, start it with "
@@ -118,6 +129,12 @@ def train(cfg: RunConfig, resume: str | None, objective: Any) -> int:
         raise RunStopped(f"error: {e}", 2) from None
     loader = objective.build_loader(rank, world)
     d, ds = prepare(cfg, loader)
+    try:  # before any weights exist: a run that cannot fit stops here, in one line with the numbers
+        memory = check_memory(cfg, ds, world, objective)
+    except ConfigError as e:
+        if hasattr(loader, "close"):
+            loader.close()
+        raise RunStopped(f"error: {e}", 2) from None
     meta = ckpt.read_meta(folder) if folder is not None else {}
     elastic = folder is not None and meta.get("world_size") != world
     if elastic and not hasattr(loader, "load_elastic"):  # before any process group or checkpoint conversion
@@ -135,13 +152,17 @@ def train(cfg: RunConfig, resume: str | None, objective: Any) -> int:
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_yaml)
-        info = {"derived": dataclasses.asdict(d), "deepspeed_config": ds, "objective": objective.name}
+        info = {"derived": dataclasses.asdict(d), "deepspeed_config": ds, "objective": objective.name,
+                "memory_plan": memory.to_json() if memory else None}
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
         for line in d.lines(cfg.optim.base_lr):
             say(line)
         if getattr(loader, "memory_line", None):
             say(loader.memory_line)
-    engine, lines = build_engine(cfg, ds, objective)
+        for line in memory.lines() if memory else []:
+            say(line)
+    engine, lines = build_engine(cfg, ds, objective,
+                                 (memory.choice.mode, memory.choice.num_blocks) if memory else None)
     device = engine.device
     lines += objective.setup(device)
     if rank == 0:
@@ -239,7 +260,7 @@ class _Loop:
         self.keys_log = open(run_dir / f"keys.rank{rank}.jsonl", "a") if cfg.debug.log_keys else None
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, prefetch: Prefetcher) -> None:
+    def save(self, prefetch: BatchPrefetcher) -> None:
         s = self.state
         client = {"counters": dataclasses.asdict(s), "epoch": s.videos // self.videos_per_epoch(),
                   "world_size": self.world, "config": self.cfg.model_dump(mode="json"),
@@ -257,7 +278,9 @@ class _Loop:
         cfg, engine, state = self.cfg, self.engine, self.state
         preempt = Preemption()
         stream = endless(self.loader)  # created after load_state_dict: it starts where the checkpoint left it
-        prefetch = Prefetcher(stream, self.objective.to_device, engine.device, self.loader.state_dict)
+        prefetch = BatchPrefetcher(stream, self.objective.to_device, engine.device, self.loader.state_dict,
+                                   fetch_delay_s=cfg.debug.fetch_sleep_s)
+        prefetch.start()  # the first batch is fetched while the loop sets up
         timer = StepTimer(engine.device, phases=cfg.logging.breakdown)
         window = Window()
         nan_batches = set(cfg.debug.nan_batches)
@@ -287,8 +310,9 @@ class _Loop:
                 losses, extras = [], []
                 first_batch = state.batches + 1
                 for micro in range(cfg.optim.grad_accum):
-                    batch = prefetch.next()
-                    timer.mark("data")
+                    # after SIGTERM no batch is drawn: the step boundary saves (the position of the next one)
+                    batch = prefetch.next(fetch_following=not preempt.requested)
+                    timer.mark("next_batch")  # the training thread's only batch work: wait + hand-over
                     state.batches += 1
                     if self.keys_log is not None:  # test audit: which clips every step consumed
                         self.keys_log.write(json.dumps({"batch": state.batches, "keys": prefetch.last_keys}) + "\n")
@@ -299,8 +323,6 @@ class _Loop:
                     timer.mark("forward")
                     engine.backward(loss)
                     timer.mark("backward")
-                    if not preempt.requested:  # after SIGTERM no batch is drawn: the step boundary saves
-                        prefetch.preload()  # the next batch's copy overlaps this backward
                     if cfg.debug.step_sleep_s and micro == cfg.optim.grad_accum - 1 and (
                             not cfg.debug.sleep_steps or step + 1 in cfg.debug.sleep_steps):
                         time.sleep(cfg.debug.step_sleep_s)
@@ -357,6 +379,7 @@ class _Loop:
                 say(str(e))
             return e.code
         finally:
+            prefetch.close()
             self.metrics.close()
             if self.keys_log is not None:
                 self.keys_log.close()

@@ -24,6 +24,8 @@ class Objective:
     name: ClassVar[str] = ""
     # entry points that may run it: vmae-pretrain (pretrain) or vmae-finetune (finetune)
     job: ClassVar[str] = "pretrain"
+    # its peak memory can be estimated before the run (vmae_ds.memory): a model and loss, no frozen teacher
+    plans_memory: ClassVar[bool] = False
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg

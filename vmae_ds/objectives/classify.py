@@ -39,6 +39,7 @@ class FinetuneTransform:
 class ClassifyObjective(Objective):
     name = "classify"
     job = "finetune"
+    plans_memory = True
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
@@ -85,10 +86,8 @@ class ClassifyObjective(Objective):
             if s.num_classes > self.ft.num_classes:
                 raise ConfigError(f"data.synthetic.num_classes {s.num_classes} exceeds finetune.num_classes "
                                   f"{self.ft.num_classes}")
-            return SyntheticLoader(num_videos=s.num_videos, seed=s.seed + cfg.seed, frames=spec.num_frames,
-                                   size=spec.img_size, grid=None, batch_videos=cfg.optim.batch_size,
-                                   num_sample=cfg.data.num_sample, rank=rank, world_size=world, masks=None,
-                                   num_classes=s.num_classes)
+            return SyntheticLoader.for_run(cfg, rank, world, frames=spec.num_frames, size=spec.img_size, grid=None,
+                                           masks=None, num_classes=s.num_classes)
         from ..data import build_finetune_loader
 
         shards = cfg.shards_config()

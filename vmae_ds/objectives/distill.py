@@ -19,6 +19,7 @@ from .classify import ClassifyObjective
 class DistillObjective(ClassifyObjective):
     name = "distill"
     job = "finetune"
+    plans_memory = False  # the frozen teacher's weights are not in the estimate
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)

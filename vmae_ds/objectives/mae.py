@@ -17,6 +17,7 @@ from .base import Objective
 class MAEObjective(Objective):
     name = "mae"
     job = "pretrain"
+    plans_memory = True
 
     def build_model(self) -> nn.Module:
         return create_pretrain_model(self.cfg.model.name, **self.cfg.model.overrides())
@@ -38,10 +39,8 @@ class MAEObjective(Objective):
         if cfg.data.kind == "synthetic":
             from ..engine.synthetic import SyntheticLoader
 
-            s = cfg.data.synthetic
-            return SyntheticLoader(num_videos=s.num_videos, seed=s.seed + cfg.seed, frames=spec.num_frames,
-                                   size=spec.img_size, grid=self.grid(), batch_videos=cfg.optim.batch_size,
-                                   num_sample=cfg.data.num_sample, rank=rank, world_size=world, masks=masks)
+            return SyntheticLoader.for_run(cfg, rank, world, frames=spec.num_frames, size=spec.img_size,
+                                           grid=self.grid(), masks=masks)
         from ..data import build_pretrain_loader, default_mask_fn
 
         mask_fn = default_mask_fn(self.grid(), encoder_kind=masks["encoder"], encoder_ratio=masks["encoder_ratio"],

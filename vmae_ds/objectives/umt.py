@@ -76,12 +76,10 @@ class UMTObjective(Objective):
         if cfg.data.kind == "synthetic":
             from ..engine.synthetic import SyntheticLoader
 
-            s = cfg.data.synthetic
             masks = {"encoder": self.uc.mask, "encoder_ratio": self.uc.mask_ratio, "decoder": "none",
                      "decoder_ratio": 0.0} if masked else None
-            return SyntheticLoader(num_videos=s.num_videos, seed=s.seed + cfg.seed, frames=self.spec.num_frames,
-                                   size=self.spec.img_size, grid=self.grid(), batch_videos=cfg.optim.batch_size,
-                                   num_sample=cfg.data.num_sample, rank=rank, world_size=world, masks=masks)
+            return SyntheticLoader.for_run(cfg, rank, world, frames=self.spec.num_frames, size=self.spec.img_size,
+                                           grid=self.grid(), masks=masks)
         from ..data import build_pretrain_loader, default_mask_fn
 
         mask_fn = default_mask_fn(self.grid(), encoder_kind=self.uc.mask, encoder_ratio=self.uc.mask_ratio,
