@@ -35,6 +35,7 @@ EPILOG = """examples:
   vmae-shards build --manifest k400.jsonl --out shards/k400 --shuffle-seed 0   # picks up k400.labels.json
   vmae-shards build --manifest train.txt --class-names names.txt --out shards/ft   # authors' `path label`
   vmae-shards verify shards/
+  vmae-shards serve shards/ --port 8000      # then data.shards.shards=http://HOST:8000/index.json
   vmae-shards hybrid --source k710=k710.csv --source ssv2=ssv2_train.txt ... --out hybrid.jsonl
 """
 
@@ -116,6 +117,24 @@ def _cmd_check(a: argparse.Namespace, verify: bool) -> int:
     plot = Path(a.plot) if a.plot else where / "stats.png"
     print(f"plot: {plot_report(report, plot)}")
     return 1 if verify and not report.ok else 0
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from data_tools.serve import ShardHTTPServer
+
+    if not Path(a.dir).is_dir():
+        raise ValueError(f"{a.dir}: no such folder")
+    server = ShardHTTPServer(a.dir, a.host, a.port, quiet=False)
+    index = Path(a.dir) / "index.json"
+    print(f"serving {a.dir} at {server.url}/" + (f" (data.shards.shards={server.url}/index.json)"
+                                                  if index.is_file() else "") + "; Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
 
 
 def _cmd_synth(a: argparse.Namespace) -> int:
@@ -227,6 +246,15 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--read-timeout", type=float, default=60,
                        help="remote shards: seconds without a byte before a read is retried (default 60)")
 
+    v = sub.add_parser("serve", help="serve a shard folder over HTTP with range requests (resumable reads)",
+                       description="A small threaded HTTP server for trying remote shards: answers range requests, "
+                       "so a broken read resumes at its byte. Large sets belong behind a real web server or object "
+                       "store.")
+    v.add_argument("dir", help="shard folder")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                   "only; 0.0.0.0 for every interface)")
+    v.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free one)")
+
     s = sub.add_parser("synth", help="write small synthetic clips (tests, demos)")
     s.add_argument("--out", required=True, help="folder for the clips")
     s.add_argument("--n", type=int, default=16, help="number of clips (default 16)")
@@ -246,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `vmae-shards stats DIR | head` exits quietly
     a = parser().parse_args(argv)
     commands = {"manifest": _cmd_manifest, "hybrid": _cmd_hybrid, "build": _cmd_build, "synth": _cmd_synth,
+                "serve": _cmd_serve,
                 "verify": lambda x: _cmd_check(x, True), "stats": lambda x: _cmd_check(x, False)}
     try:
         return commands[a.cmd](a)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_helpers import all_keys, run_cli, shared_dir, uneven_shards
+from data_helpers import all_keys, run_cli, sized_shards
 from shard_server import ShardServer
 from test_data_sampling import cfg_for, endless, keys_of, loader_for
 
@@ -33,18 +33,7 @@ FAST = {"read_timeout_s": 1.5, "read_retries": 2, "retry_backoff_s": 0.05}
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    """The uneven shards with an index that lists their sizes too (as vmae-shards build writes it)."""
-    out = shared_dir(tmp_path_factory, "remote_shards")
-    if not (out / "index.json").exists():
-        src = uneven_shards(tmp_path_factory)
-        index = json.loads((src / "index.json").read_text())
-        for e in index["shards"]:
-            shutil.copy(src / e["file"], out / e["file"])
-            e["bytes"] = (out / e["file"]).stat().st_size
-        index["total_samples"] = sum(e["samples"] for e in index["shards"])
-        (out / "labels.json").write_text(json.dumps({"classes": ["a", "b", "c"]}))
-        (out / "index.json").write_text(json.dumps(index))
-    return out
+    return sized_shards(tmp_path_factory)
 
 
 def without(folder: Path, tmp: Path, name: str) -> Path:
