@@ -154,8 +154,14 @@ def test_remote_index_base_url_and_one_line_errors(folder, tmp_path):
         assert str(e.value) == f"shards: index {srv.url}/nope.json could not be read: unreachable after 1 tries " \
                                "(last: HTTP 404 Not Found)"
         assert class_names_of(f"{srv.url}/index.json") == ["a", "b", "c"]
+        # a brace list of URLs (no counts): resampled passes
+        loader = loader_for(cfg_for(f"{srv.url}/uneven-{{000000..000003}}.tar", num_workers=0))
+        assert loader.mode == "resampled" and len(keys_of([next(endless(loader)) for _ in range(3)])) == 3
     with pytest.raises(ShardSpecError, match="no command for ftp:// URLs .* set data.shards.remote_commands.ftp"):
         resolve_set("ftp://host/shard-{000..003}.tar")
+    with pytest.raises(ShardSpecError, match="index s3://b/k/index.json could not be read: no-such-cli: command "
+                                             "not found"):  # at once: no retry can install a client
+        resolve_set("s3://b/k/index.json", Remote(commands={"s3": "no-such-cli cat {url}"}))
 
 
 def test_cache_keeps_whole_shards_verified_lru_and_atomic(folder, tmp_path):
@@ -271,3 +277,47 @@ def test_a_stalled_client_command_is_killed_and_restarted_at_the_byte_reached(fo
     with ShardStream(f"mock://{folder / NAMES[2]}", remote, counts) as s:
         data = s.read()
     assert data == (folder / NAMES[2]).read_bytes() and counts["retries"] == 1
+
+
+def test_extract_reads_the_videos_of_a_shard_set_by_url(folder, tmp_path):
+    from safetensors.torch import save_file
+    from test_extract import _extract
+
+    from vmae_ds.models import create_classifier
+
+    small = tmp_path / "small"  # the 3- and 1-clip shards: 4 videos
+    small.mkdir()
+    index = json.loads((folder / "index.json").read_text())
+    index["shards"] = [e for e in index["shards"] if e["file"] in (NAMES[1], NAMES[3])]
+    index["total_samples"] = 4
+    for e in index["shards"]:
+        shutil.copy(folder / e["file"], small / e["file"])
+    (small / "index.json").write_text(json.dumps(index))
+    save_file(create_classifier("vit_tiny_debug", 3).state_dict(), str(tmp_path / "w.safetensors"))
+    with ShardServer(small, faults={NAMES[1]: ["cut"]}) as srv:
+        r = _extract(str(tmp_path / "w.safetensors"), "--model", "debug", "--videos", f"{srv.url}/index.json",
+                     "--out", str(tmp_path / "f"), "--sampling-rate", "2", "--stride", "8", "--batch", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "features: 4 of 4 videos" in r.stdout
+    rows = [json.loads(line) for line in (tmp_path / "f" / "index.jsonl").read_text().splitlines()]
+    assert [row["path"] for row in rows] == [k for k in sorted(keys_in(NAMES[1]) + keys_in(NAMES[3]))]
+
+
+def test_read_metrics_per_rank_and_the_progress_line():
+    from vmae_ds.engine.storage_report import StorageMeter, read_totals, storage_line
+
+    meter = StorageMeter()
+    stats = [{"bytes_read": 10_000_000, "read_retries": 2, "read_s": 1.5, "missing_samples": 3,
+              "unreachable_shards": {"a.tar": 1}},
+             {"bytes_read": 4_000_000, "cached_bytes": 2_000_000, "unreachable_shards": {"a.tar": 1, "b.tar": 2}}]
+    first = meter.fields([read_totals(s) for s in stats])
+    assert first["data_read_mb_s"] is None  # no rate without a previous record of this process
+    assert storage_line(first) == " | read 7.00 MB a rank, 2 MB from cache, 2 retries | unreachable shards 2: " \
+                                  "a.tar, b.tar (3 samples missing)"
+    meter._last = (meter._last[0] - 2.0, meter._last[1])  # as if the previous record were 2 s ago
+    stats[0]["bytes_read"] += 50_000_000
+    rec = meter.fields([read_totals(s) for s in stats])
+    assert rec["data_read_mb_s"] == pytest.approx([25.0, 0.0], abs=0.1) and rec["data_read_mb"] == [60.0, 4.0]
+    assert rec["data_unreachable"] == {"a.tar": 2, "b.tar": 2} and rec["data_read_retries"] == [2, 0]
+    assert storage_line(rec).startswith(" | read 12.5 MB/s a rank (slowest rank 1: 0.00), 2 MB from cache") or \
+        storage_line(rec).startswith(" | read 12.4 MB/s a rank (slowest rank 1: 0.00), 2 MB from cache")

@@ -5,28 +5,19 @@ rank, and a kill -9 followed by `--resume auto` changes no loss."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-from collections import Counter
 
 import pytest
 from data_helpers import all_keys, sized_shards
 from engine_helpers import metrics, pointer, run, start, wait_for, write_config
 from shard_server import ShardServer
 from test_data_remote import GONE, NAMES, keys_in, without
+from test_engine_elastic import consumed
 
 pytestmark = pytest.mark.distributed
 
 STEPS = 12  # 11 steps an epoch (22 clips, 2 ranks, 1 clip a step), so the run crosses into epoch 1
-
-
-def consumed(run_dir) -> Counter:
-    out: Counter = Counter()
-    for f in run_dir.glob("keys.rank*.jsonl"):
-        for line in f.read_text().splitlines():
-            out.update(json.loads(line)["keys"])
-    return out
 
 
 def config(tmp_path, name: str, shards: str, **extra):

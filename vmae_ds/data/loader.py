@@ -614,8 +614,8 @@ class PretrainLoader:
 
 
 def _add_counts(into: dict, part: dict) -> None:
-    for c in COUNTERS:
-        into[c] += int(part.get(c, 0))
+    for c in COUNTERS:  # .get: states saved before a counter existed
+        into[c] = into.get(c, 0) + int(part.get(c, 0))
     for kind in NAMED:
         into.setdefault(kind, {})
         for name, n in part.get(kind, {}).items():

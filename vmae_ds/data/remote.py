@@ -27,7 +27,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.client import HTTPException
 from typing import BinaryIO
 
@@ -44,8 +44,12 @@ class ShardUnreachable(OSError):
     """A remote shard that could not be read after all retries; the message names it and the last error."""
 
 
-class ShardChanged(OSError):
-    """The object is not the one the index describes (another size): retrying cannot help."""
+class PermanentReadError(OSError):
+    """A failure no retry can cure: the read stops at once, naming the cause."""
+
+
+class ShardChanged(PermanentReadError):
+    """The object is not the one the index describes (another size)."""
 
 
 class _AttemptFailed(OSError):
@@ -174,6 +178,9 @@ class _CommandSource:
         if code != 0:
             self.err.seek(0)
             tail = self.err.read()[-300:].decode(errors="replace").strip().replace("\n", " ")
+            if code in (126, 127):  # the shell found no such command (or cannot run it)
+                raise PermanentReadError(f"{self.what}: command not found or not executable ({tail}); install "
+                                         f"it or set data.shards.remote_commands")
             raise _AttemptFailed(f"{self.what} exited with {code}: {tail}")
 
     def close(self) -> None:
@@ -221,12 +228,12 @@ class ShardStream(io.RawIOBase):
                 n = self._src.readinto(view)
                 self._timed(t0)
                 if n == 0:
+                    self._src.finish()  # a client's exit status says more than the missing bytes
                     if self.total is not None and self.pos < self.total:
                         raise _AttemptFailed(f"stream ended at byte {self.pos} of {self.total}")
-                    self._src.finish()
                     return 0
             except (OSError, HTTPException) as e:
-                if not self.remote_url or isinstance(e, ShardChanged):
+                if not self.remote_url or isinstance(e, PermanentReadError):
                     raise
                 self._retry(e)
                 continue
@@ -344,6 +351,8 @@ class ShardOpener:
 
 
 def fetch(url: str, remote: Remote | None = None) -> bytes:
-    """A whole (small) object: index.json, labels.json; read with the same retries as shards."""
-    with ShardStream(url, remote or Remote()) as s:
+    """A whole (small) object: index.json, labels.json. At most 2 retries: a wrong URL fails in seconds at
+    start-up, not after the minute of backoff a shard read may wait."""
+    remote = remote or Remote()
+    with ShardStream(url, replace(remote, retries=min(remote.retries, 2))) as s:
         return s.read()
