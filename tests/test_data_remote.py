@@ -321,3 +321,15 @@ def test_read_metrics_per_rank_and_the_progress_line():
     assert rec["data_unreachable"] == {"a.tar": 2, "b.tar": 2} and rec["data_read_retries"] == [2, 0]
     assert storage_line(rec).startswith(" | read 12.5 MB/s a rank (slowest rank 1: 0.00), 2 MB from cache") or \
         storage_line(rec).startswith(" | read 12.4 MB/s a rank (slowest rank 1: 0.00), 2 MB from cache")
+
+
+def test_a_run_on_the_local_folder_continues_elastically_over_http(folder):
+    from test_data_elastic import rest_of_epoch, saved
+
+    states, read = saved([loader_for(cfg_for(folder), rank=r, world=2) for r in (0, 1)], 4)
+    with ShardServer(folder, faults={NAMES[2]: ["cut"], NAMES[0]: ["503"]}) as srv:
+        new = loader_for(cfg_for(f"{srv.url}/index.json", **FAST), world=1)  # 2 ranks -> 1, folder -> URL
+        assert any("epoch 0: 14 samples not yet read" in line for line in new.load_elastic(states))
+        rest, _ = rest_of_epoch(new)
+        new.close()
+    assert rest + read == all_keys()  # none skipped, none repeated
