@@ -44,7 +44,7 @@ class ShardCache:
             path.unlink(missing_ok=True)
             return None
         try:
-            os.utime(path)  # recently used
+            _used(path)
         except FileNotFoundError:  # evicted by another reader meanwhile
             return None
         return path
@@ -55,6 +55,7 @@ class ShardCache:
     def store(self, tmp: Path, url: str) -> None:
         final = self.path_for(url)
         os.replace(tmp, final)
+        _used(final)
         self.evict(keep=final)
 
     def evict(self, keep: Path | None = None) -> None:
@@ -70,7 +71,7 @@ class ShardCache:
                 if now - st.st_mtime > STALE_TMP_S:
                     p.unlink(missing_ok=True)
                 continue
-            files.append((st.st_mtime, st.st_size, p))
+            files.append((st.st_mtime_ns, st.st_size, p))
         total = sum(s for _, s, _ in files)
         for _, size, p in sorted(files, key=lambda f: f[0]):
             if total <= self.bound:
@@ -79,6 +80,13 @@ class ShardCache:
                 continue
             p.unlink(missing_ok=True)
             total -= size
+
+
+def _used(path: Path) -> None:
+    """Mark as recently used. The clock, not the file system's coarse timestamp tick: two uses a moment
+    apart must keep their order."""
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
 
 
 class _Tee(io.RawIOBase):
