@@ -23,6 +23,11 @@ from data_tools.manifest import (
     write_manifest,
 )
 
+CHECK_EPILOG = """examples:
+  vmae-shards verify shards/k710
+  vmae-shards verify https://data.example.org/k710/index.json --workers 8
+  vmae-shards stats s3://my-bucket/k710/index.json     # through `aws s3 cp`, credentials as for the aws CLI
+"""
 EPILOG = """examples:
   vmae-shards manifest videos/ --out videos.jsonl
   vmae-shards build --manifest videos.jsonl --out shards/ --workers 8 --reencode
@@ -30,6 +35,7 @@ EPILOG = """examples:
   vmae-shards build --manifest k400.jsonl --out shards/k400 --shuffle-seed 0   # picks up k400.labels.json
   vmae-shards build --manifest train.txt --class-names names.txt --out shards/ft   # authors' `path label`
   vmae-shards verify shards/
+  vmae-shards serve shards/ --port 8000      # then data.shards.shards=http://HOST:8000/index.json
   vmae-shards hybrid --source k710=k710.csv --source ssv2=ssv2_train.txt ... --out hybrid.jsonl
 """
 
@@ -93,13 +99,42 @@ def _cmd_build(a: argparse.Namespace) -> int:
 
 
 def _cmd_check(a: argparse.Namespace, verify: bool) -> int:
-    if not Path(a.dir).is_dir():  # a user error (typo'd path), not a damaged shard set: one line, exit 2
-        raise ValueError(f"{a.dir}: no such folder (give the --out folder of `vmae-shards build`)")
-    report = inspect(a.dir, decode_per_shard=a.decode, progress=not a.quiet, workers=a.workers)
+    remote = None
+    if "://" in a.dir or a.dir.endswith(".json"):
+        from vmae_ds.data.remote import Remote  # here: the package pulls in torch
+
+        commands = dict(_name_value(c, "--command") for c in a.command)
+        remote = Remote(timeout_s=a.read_timeout, retries=a.retries, commands=commands)
+        if a.dir.endswith(".json") and "://" not in a.dir and not Path(a.dir).is_file():
+            raise ValueError(f"{a.dir}: no such index file")
+    elif not Path(a.dir).is_dir():  # a user error (typo'd path), not a damaged shard set: one line, exit 2
+        raise ValueError(f"{a.dir}: no such folder (give the --out folder of `vmae-shards build`, or the URL of "
+                         "its index.json)")
+    report = inspect(a.dir, decode_per_shard=a.decode, progress=not a.quiet, workers=a.workers, remote=remote)
     print(format_report(report))
-    plot = Path(a.plot) if a.plot else Path(a.dir) / "stats.png"
+    local = remote is None or (a.dir.endswith(".json") and "://" not in a.dir)
+    where = (Path(a.dir) if Path(a.dir).is_dir() else Path(a.dir).parent) if local else Path(".")
+    plot = Path(a.plot) if a.plot else where / "stats.png"
     print(f"plot: {plot_report(report, plot)}")
     return 1 if verify and not report.ok else 0
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from data_tools.serve import ShardHTTPServer
+
+    if not Path(a.dir).is_dir():
+        raise ValueError(f"{a.dir}: no such folder")
+    server = ShardHTTPServer(a.dir, a.host, a.port, quiet=False)
+    index = Path(a.dir) / "index.json"
+    print(f"serving {a.dir} at {server.url}/" + (f" (data.shards.shards={server.url}/index.json)"
+                                                  if index.is_file() else "") + "; Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
 
 
 def _cmd_synth(a: argparse.Namespace) -> int:
@@ -192,14 +227,33 @@ def parser() -> argparse.ArgumentParser:
 
     for name, text in (("verify", "check shards: tar integrity, keys, decoding, counts (exit 1 on damage)"),
                        ("stats", "describe shards: counts per source, duration / resolution histograms")):
-        c = sub.add_parser(name, help=text, description=text)
-        c.add_argument("dir", help="shard folder (made by vmae-shards build)")
+        c = sub.add_parser(name, help=text, description=text, epilog=CHECK_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        c.add_argument("dir", help="shard folder (made by vmae-shards build), or its index.json by URL "
+                       "(http(s)://, s3://, gs://), or a local index.json with a base_url")
         c.add_argument("--decode", type=int, default=1 if name == "verify" else 0,
                        help="samples per shard to trial-decode; -1 = all (default: %(default)s)")
         c.add_argument("--plot", help="PNG for the histograms (default: DIR/stats.png)")
         c.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                        help="processes reading shards (default: CPU count - 1)")
         c.add_argument("--quiet", action="store_true", help="no progress bar")
+        c.add_argument("--command", action="append", default=[], metavar="SCHEME=TEMPLATE",
+                       help="remote shards: the command that writes an object to stdout, per URL scheme, with "
+                       "{url} (and {offset} if it can start at a byte); default s3 'aws s3 cp {url} -', gs "
+                       "'gcloud storage cat -r {offset}- {url}'")
+        c.add_argument("--retries", type=int, default=6, help="remote shards: retries of a failed or stalled read, "
+                       "each continuing where it stopped (default 6)")
+        c.add_argument("--read-timeout", type=float, default=60,
+                       help="remote shards: seconds without a byte before a read is retried (default 60)")
+
+    v = sub.add_parser("serve", help="serve a shard folder over HTTP with range requests (resumable reads)",
+                       description="A small threaded HTTP server for trying remote shards: answers range requests, "
+                       "so a broken read resumes at its byte. Large sets belong behind a real web server or object "
+                       "store.")
+    v.add_argument("dir", help="shard folder")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                   "only; 0.0.0.0 for every interface)")
+    v.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free one)")
 
     s = sub.add_parser("synth", help="write small synthetic clips (tests, demos)")
     s.add_argument("--out", required=True, help="folder for the clips")
@@ -220,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `vmae-shards stats DIR | head` exits quietly
     a = parser().parse_args(argv)
     commands = {"manifest": _cmd_manifest, "hybrid": _cmd_hybrid, "build": _cmd_build, "synth": _cmd_synth,
+                "serve": _cmd_serve,
                 "verify": lambda x: _cmd_check(x, True), "stats": lambda x: _cmd_check(x, False)}
     try:
         return commands[a.cmd](a)

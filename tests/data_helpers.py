@@ -163,3 +163,20 @@ def uneven_shards(tmp_path_factory, sizes: tuple[int, ...] = SIZES) -> Path:
 
 def all_keys(sizes: tuple[int, ...] = SIZES) -> Counter:
     return Counter(f"uneven-{s:06d}.tar/s{s}_{i:02d}" for s, size in enumerate(sizes) for i in range(size))
+
+
+def sized_shards(tmp_path_factory) -> Path:
+    """The uneven shards with an index.json as vmae-shards build writes it (byte sizes, total) and a
+    labels.json: the folder the remote-shard tests serve (built once)."""
+    out = shared_dir(tmp_path_factory, "sized_shards")
+    if (out / "index.json").exists():
+        return out
+    src = uneven_shards(tmp_path_factory)
+    index = json.loads((src / "index.json").read_text())
+    for e in index["shards"]:
+        shutil.copy(src / e["file"], out / e["file"])
+        e["bytes"] = (out / e["file"]).stat().st_size
+    index["total_samples"] = sum(e["samples"] for e in index["shards"])
+    (out / "labels.json").write_text(json.dumps({"classes": ["a", "b", "c"]}))
+    (out / "index.json").write_text(json.dumps(index))
+    return out

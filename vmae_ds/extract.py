@@ -26,6 +26,7 @@ examples:
   vmae-extract weights/vitg_k710.safetensors --model g --videos /data/thumos/videos --out feats/thumos \\
       --frames 16 --sampling-rate 1 --stride 4
   vmae-extract runs/vitb_k400 --videos clips.jsonl --out feats/k400 --pool tokens
+  vmae-extract runs/vitb_k400 --videos https://data.example.org/k400_val/index.json --out feats/k400_val
   deepspeed --num_gpus 8 --module vmae_ds.extract weights/vitg.safetensors --model g --videos v/ --out f/
 """
 
@@ -39,7 +40,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("weights", help="a fine-tuning or pretraining run folder, an exported / official checkpoint, "
                                    "or an HF VideoMAE folder")
-    p.add_argument("--videos", required=True, help="a folder of videos, or a manifest (csv/tsv/jsonl/list)")
+    p.add_argument("--videos", required=True, help="a folder of videos, a manifest (csv/tsv/jsonl/list), or a shard "
+                   "set: its index.json (a path, or an http(s)://, s3://, gs:// URL) or a folder holding one; ids are "
+                   "then the sample keys, and shard s goes to rank s %% world")
     p.add_argument("--out", required=True, help="feature folder")
     p.add_argument("--model", help="model name or alias (default: the run's)")
     p.add_argument("--frames", type=int, help="frames per window (default: the model's)")
@@ -125,11 +128,12 @@ def windows(num_frames: int, clip_frames: int, rate: int, stride: int) -> list[l
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from .data.decode import DecodeError
+    from .data.shards import ShardSpecError
     from .models.checkpoint_import import CheckpointError
 
     try:
         return _extract(args, DecodeError)
-    except (ExtractError, CheckpointError, FileNotFoundError) as e:
+    except (ExtractError, CheckpointError, FileNotFoundError, ShardSpecError) as e:
         print(f"vmae-extract: error: {e}", file=sys.stderr, flush=True)
         return 2
 
@@ -141,25 +145,41 @@ def _extract(args: argparse.Namespace, decode_error: type) -> int:
     from tqdm import tqdm
 
     from .data.decode import open_video
+    from .data.shard_videos import ShardVideos, is_shard_set
     from .data.transforms import normalize_on_device, pixel_stats, spatial_views, to_tchw
 
     if args.stride < 1 or args.sampling_rate < 1 or args.batch < 1:
         raise ExtractError("--stride, --sampling-rate and --batch must be >= 1")
     model = load_encoder(args)
-    videos = video_list(args.videos)
+    shards = None
+    videos = [] if is_shard_set(args.videos) else video_list(args.videos)
     rank, world, device, dtype = inference_setup(args.dtype)
     model = model.to(device=device, dtype=dtype)
     stats = pixel_stats(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    mine = [(i, v, p) for i, (v, p) in enumerate(videos) if i % world == rank]
-    todo = [(i, v, p) for i, v, p in mine if not (out / f"{v}.npy").exists()]
-    errors = []
+    kept = [0]
+    if videos:
+        mine = [(v, p) for i, (v, p) in enumerate(videos) if i % world == rank]
+        todo = [(v, p, Path(p).read_bytes) for v, p in mine if not (out / f"{v}.npy").exists()]
+        kept[0], errors, total = len(mine) - len(todo), [], len(todo)
+    else:  # a shard set: each video is read from its shard (ids: the sample keys)
+        shards = ShardVideos(args.videos, rank, world)
+        errors, total = shards.errors, shards.mine
+
+        def unwritten():
+            for v, p, data in shards:
+                if (out / f"{v}.npy").exists():
+                    kept[0] += 1
+                else:
+                    yield v, p, (lambda d=data: d)
+        todo = unwritten()
+    wrote = 0
     size, frames_per_clip = model.img_size, model.num_frames
-    bar = tqdm(todo, desc=f"extract (rank {rank})", unit="video", disable=rank != 0)
-    for _, vid, path in bar:
+    bar = tqdm(todo, total=total, desc=f"extract (rank {rank})", unit="video", disable=rank != 0)
+    for vid, path, load in bar:
         try:
-            reader = open_video(Path(path).read_bytes(), args.backend)
+            reader = open_video(load(), args.backend)
             wins = windows(reader.num_frames, frames_per_clip, args.sampling_rate, args.stride)
             feats = []
             for b in range(0, len(wins), args.batch):
@@ -186,20 +206,22 @@ def _extract(args: argparse.Namespace, decode_error: type) -> int:
                 "pool": args.pool, "weights": str(args.weights)}
         (out / f"{vid}.json").write_text(json.dumps(meta))
         os.replace(tmp, out / f"{vid}.npy")  # the .npy appears last: its presence means done
+        wrote += 1
     bar.close()
     # this run's failures only: a video that fails is retried by the next run, and listed again if it still fails
     (out / f"errors.rank{rank}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in errors))
     if world > 1:
         dist.barrier()
     if rank == 0:
-        done = [v for v, _ in videos if (out / f"{v}.npy").exists()]
+        done = [v for v, _ in videos if (out / f"{v}.npy").exists()] if videos else \
+            sorted(p.stem for p in out.glob("*.npy"))
         with open(out / "index.jsonl", "w") as f:
             for v in done:
                 f.write((out / f"{v}.json").read_text() + "\n")
         skipped = [json.loads(line) for p in sorted(out.glob("errors.rank*.jsonl"))
                    for line in p.read_text().splitlines() if line.strip()]
-        print(f"features: {len(done)} of {len(videos)} videos in {out} (index.jsonl); rank 0 wrote "
-              f"{len(todo) - len(errors)} now and kept {len(mine) - len(todo)} from before"
+        print(f"features: {len(done)} of {len(videos) if videos else shards.total} videos in {out} (index.jsonl); "
+              f"rank 0 wrote {wrote} now and kept {kept[0]} from before"
               + (f"; {len(skipped)} undecodable, listed in {out}/errors.rank*.jsonl" if skipped else ""), flush=True)
     if world > 1:
         dist.destroy_process_group()

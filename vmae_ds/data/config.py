@@ -12,8 +12,29 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    shards: str = Field(description="brace pattern ('d/shard-{000000..000099}.tar'), a folder of .tar "
-                        "shards, or the index.json written by vmae-shards build")
+    shards: str = Field(description="the index.json written by vmae-shards build (a path or an http(s)://, "
+                        "s3://, gs:// URL), a folder holding one (or a folder of .tar shards), or a brace pattern "
+                        "of paths or URLs ('d/shard-{000000..000099}.tar'; resampled only: no sample counts)")
+    base_url: str | None = Field(None, description="read the shards that index.json lists from BASE_URL/<file> "
+                                 "(http(s)://, s3://, gs://, a folder) instead of next to index.json; overrides "
+                                 "the index's own base_url")
+    read_timeout_s: float = Field(60, gt=0, description="a remote shard read that delivers no byte for this long "
+                                  "is retried (HTTP: socket timeout; command-line clients: no output)")
+    read_retries: int = Field(6, ge=0, description="retries of a remote shard read that failed or stalled; each "
+                              "continues at the byte reached (HTTP range request, else a re-read that skips what "
+                              "was delivered). After them the shard is named, skipped for this epoch (its samples "
+                              "counted missing) and read again next epoch")
+    retry_backoff_s: float = Field(1.0, ge=0, description="wait before the first retry; doubles with each retry in "
+                                   "a row (at most 60 s, with jitter)")
+    remote_commands: dict[str, str] = Field(default_factory=dict, description="command per URL scheme that writes "
+                                            "the object to stdout, with {url} and optionally {offset} (start at that "
+                                            "byte). Defaults: s3 'aws s3 cp {url} -', gs 'gcloud storage cat -r "
+                                            "{offset}- {url}'")
+    cache_dir: str | None = Field(None, description="keep remote shards read in full in this local folder "
+                                  "(atomic writes, verified against index.json's sizes) and read them from there "
+                                  "next time")
+    cache_gib: float = Field(50, gt=0, description="bound on cache_dir: least recently used shards are removed "
+                             "first")
     num_frames: int = Field(16, ge=1, description="frames per clip")
     sampling: Literal["stride", "segments"] = Field(
         "stride", description="stride: num_frames frames sampling_rate apart from a random start (VideoMAE); "

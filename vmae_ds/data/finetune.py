@@ -11,7 +11,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from vmae_ds.data.config import DataConfig
 from vmae_ds.data.decode import DecodeError, open_video
 from vmae_ds.data.loader import PretrainLoader, WorkerSupervisor
-from vmae_ds.data.shards import EpochLayout, resolve_shards, shard_name
+from vmae_ds.data.remote import Remote, ShardOpener
+from vmae_ds.data.shards import EpochLayout, config_shards, shard_name
 from vmae_ds.data.stream import InFlight, Transform, initial_position, log, parse_sample, read_indexed
 from vmae_ds.data.transforms import eval_indices, eval_segment_indices, spatial_views, to_tchw
 
@@ -37,10 +38,11 @@ class _EvalStream(IterableDataset):
 
     def __init__(self, urls: list[str], counts: list[int], layout: EpochLayout, cfg: DataConfig, num_clips: int,
                  num_crops: int, skip: list[int], quarantine: frozenset[str], records: str | None,
-                 fault_keys: dict[str, str] | None):
+                 fault_keys: dict[str, str] | None, opener: ShardOpener | None = None):
         self.urls, self.counts, self.layout, self.cfg = urls, counts, layout, cfg
         self.num_clips, self.num_crops, self.skip = num_clips, num_crops, skip
         self.quarantine, self.records, self.fault_keys = quarantine, records, fault_keys
+        self.opener = opener
 
     def _views(self, sample: dict) -> tuple[torch.Tensor, int]:
         data, meta = parse_sample(sample)
@@ -74,7 +76,8 @@ class _EvalStream(IterableDataset):
         n = 0
         for piece in self.layout.slice(w, 0):
             url = self.urls[piece.shard]
-            for i, sample in read_indexed(url, list(piece.indices()), self.counts[piece.shard], pos):
+            for i, sample in read_indexed(url, list(piece.indices()), self.counts[piece.shard], pos,
+                                            opener=self.opener):
                 n += 1
                 if n <= self.skip[w]:  # delivered before a worker restart
                     continue
@@ -117,7 +120,9 @@ class EvalLoader:
     def __init__(self, cfg: DataConfig, *, batch_size: int, rank: int, world_size: int,
                  num_clips: int = 5, num_crops: int = 3, quarantine: Iterable[str] = (),
                  fault_keys: dict[str, str] | None = None):
-        self.urls, counts = resolve_shards(cfg.shards)
+        shard_set = config_shards(cfg)
+        self.urls, counts = shard_set.urls, shard_set.counts
+        self.opener = ShardOpener(Remote.of(cfg), shard_set.sizes)
         if counts is None:
             raise ValueError("evaluation needs sample counts: point shards at the folder or index.json "
                              "written by vmae-shards build")
@@ -141,7 +146,7 @@ class EvalLoader:
 
         def make(records: str | None, quarantine: frozenset[str]) -> _EvalStream:
             return _EvalStream(self.urls, self.counts, self.layout, self.cfg, self.num_clips, self.num_crops,
-                               list(delivered), quarantine, records, self.fault_keys)
+                               list(delivered), quarantine, records, self.fault_keys, self.opener)
 
         sup = WorkerSupervisor(make, num_workers=self.cfg.num_workers, prefetch_factor=self.cfg.prefetch_factor,
                                pin_memory=False, decode_timeout_s=self.cfg.decode_timeout_s,

@@ -31,20 +31,29 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from vmae_ds.data.config import DataConfig
+from vmae_ds.data.remote import Remote, ShardOpener
 from vmae_ds.data.shards import (
     EpochLayout,
     OldReader,
     PassLayout,
+    config_shards,
     deal,
     dealt_before,
     derive_seed,
     layout_from_json,
-    resolve_shards,
     settle,
     shards_digest,
     unread,
 )
-from vmae_ds.data.stream import COUNTERS, ClipStream, MultiScaleCrops, Transform, initial_position, prepare_worker
+from vmae_ds.data.stream import (
+    COUNTERS,
+    NAMED,
+    ClipStream,
+    MultiScaleCrops,
+    Transform,
+    initial_position,
+    prepare_worker,
+)
 from vmae_ds.masking import TokenGrid, make_masks
 
 log = logging.getLogger("vmae_ds.data")
@@ -291,7 +300,7 @@ def _kill_at_exit(ref: weakref.ref) -> None:
 
 
 def _empty_carried() -> dict:
-    return {**dict.fromkeys(COUNTERS, 0), "bad_shards": {}, "recent": []}
+    return {**dict.fromkeys(COUNTERS, 0), **{k: {} for k in NAMED}, "recent": []}
 
 
 class PretrainLoader:
@@ -323,7 +332,9 @@ class PretrainLoader:
         self.cfg, self.batch_size, self.rank, self.world_size, self.seed = cfg, batch_size, rank, world_size, seed
         self.mask_fn, self.labels, self.fault_keys = mask_fn, labels, dict(fault_keys or {})
         self.transform = transform or MultiScaleCrops(cfg)
-        self.urls, self.counts = resolve_shards(cfg.shards)
+        shard_set = config_shards(cfg)
+        self.urls, self.counts = shard_set.urls, shard_set.counts
+        self.opener = ShardOpener(Remote.of(cfg), shard_set.sizes)
         self.workers = max(cfg.num_workers, 1)
         self.videos_per_batch = batch_size // cfg.num_sample
         self.mode = self._pick_mode()
@@ -387,7 +398,7 @@ class PretrainLoader:
         return ClipStream(self.urls, self.cfg, layout=self.layout, videos_per_batch=self.videos_per_batch,
                           seed=self.seed, start=copy.deepcopy(self._pos), rotation=self._k % self.workers,
                           transform=self.transform, quarantine=quarantine, records=records,
-                          fault_keys=self.fault_keys)
+                          fault_keys=self.fault_keys, opener=self.opener)
 
     def __len__(self) -> int:
         if self.batches_per_epoch is None:
@@ -570,7 +581,8 @@ class PretrainLoader:
 
     def stats(self) -> dict:
         """Counts over this rank's readers: decoded clips, skipped corrupt / quarantined / missing samples,
-        problem shards by name, recent problems, and the keys that crashed or hung a decoder."""
+        problem shards by name, recent problems, the keys that crashed or hung a decoder, and the shard reads:
+        bytes from storage and from the cache, seconds blocked on reads, retries, unreachable shards by name."""
         tot = copy.deepcopy(self._carried)
         for p in self._pos:
             _add_counts(tot, p)
@@ -578,7 +590,9 @@ class PretrainLoader:
                 "quarantined_skipped": tot["quarantined"], "missing_samples": tot["missing"],
                 "bad_shards": tot["bad_shards"], "recent_problems": tot["recent"],
                 "crashed": list(self._sup.crashed), "hung": list(self._sup.hung), "restarts": self._sup.restarts,
-                "quarantine": sorted(self._sup.quarantine)}
+                "quarantine": sorted(self._sup.quarantine), "bytes_read": tot["bytes_read"],
+                "cached_bytes": tot["cached_bytes"], "read_s": tot["read_ms"] / 1000, "read_retries": tot["retries"],
+                "unreachable_shards": tot["unreachable"]}
 
     def worker_pids(self) -> list[int]:
         """Process ids of the live loader workers (empty before the first batch and after close())."""
@@ -600,10 +614,12 @@ class PretrainLoader:
 
 
 def _add_counts(into: dict, part: dict) -> None:
-    for c in COUNTERS:
-        into[c] += int(part.get(c, 0))
-    for name, n in part.get("bad_shards", {}).items():
-        into["bad_shards"][name] = into["bad_shards"].get(name, 0) + n
+    for c in COUNTERS:  # .get: states saved before a counter existed
+        into[c] = into.get(c, 0) + int(part.get(c, 0))
+    for kind in NAMED:
+        into.setdefault(kind, {})
+        for name, n in part.get(kind, {}).items():
+            into[kind][name] = into[kind].get(name, 0) + n
     into["recent"] = (into["recent"] + list(part.get("recent", [])))[-32:]
 
 

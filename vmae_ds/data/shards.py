@@ -24,40 +24,111 @@ from pathlib import Path
 
 import braceexpand
 
+from vmae_ds.data.remote import Remote, fetch, shard_label
+
 
 class ShardSpecError(ValueError):
     """The shards setting points at nothing usable; the message names the path."""
 
 
-def resolve_shards(spec: str) -> tuple[list[str], list[int] | None]:
-    """(urls, samples per shard or None when unknown). Counts come from index.json when there is one."""
-    path = Path(spec)
+@dataclass(frozen=True)
+class ShardSet:
+    """Where the shards are (`urls`), samples per shard (None when unknown) and their sizes in bytes."""
+
+    urls: list[str]
+    counts: list[int] | None
+    sizes: dict[str, int]
+
+
+def _is_url(spec: str) -> bool:
+    return "://" in spec or spec.startswith("pipe:")
+
+
+def _index_url(spec: str) -> str | None:
+    """The index.json a URL spec names: itself, or the one in the folder it names (not brace lists / .tar)."""
     if spec.endswith(".json"):
-        if not path.is_file():
-            raise ShardSpecError(f"shards: index file {spec} not found")
+        return spec
+    if "{" in spec or spec.endswith(".tar") or spec.startswith("pipe:"):
+        return None
+    return spec.rstrip("/") + "/index.json"
+
+
+def _parse_index(text: bytes | str, where: str, base: str, base_url: str | None) -> tuple[dict, ShardSet]:
+    try:
+        index = json.loads(text)
+        entries = index["shards"]
+        root = (base_url or index.get("base_url") or base).rstrip("/")
+        urls = [f"{root}/{e['file']}" for e in entries]
+        counts = [int(e["samples"]) for e in entries]
+        sizes = {u: int(e["bytes"]) for u, e in zip(urls, entries, strict=True) if e.get("bytes") is not None}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ShardSpecError(f"shards: {where} is not an index written by vmae-shards build ({e})") from None
+    return index, ShardSet(urls, counts, sizes)
+
+
+def load_index(spec: str, remote: Remote | None = None, base_url: str | None = None) -> tuple[dict, ShardSet] | None:
+    """(the index itself, its shard set) when `spec` names an index.json (a path, a URL, or a folder / folder
+    URL holding one); None for a folder without one, a brace pattern or a .tar."""
+    if _is_url(spec):
+        index = _index_url(spec)
+        if index is None:
+            return None
         try:
-            index = json.loads(path.read_text())
-            entries = index["shards"]
-            urls = [str(path.parent / e["file"]) for e in entries]
-            counts = [int(e["samples"]) for e in entries]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ShardSpecError(f"shards: {spec} is not an index written by vmae-shards build ({e})") from None
-    elif path.is_dir():
-        if (path / "index.json").is_file():
-            return resolve_shards(str(path / "index.json"))
-        urls, counts = sorted(str(p) for p in path.glob("*.tar")), None
+            text = fetch(index, remote or Remote())
+        except (OSError, ValueError) as e:
+            raise ShardSpecError(f"shards: index {index} could not be read: {e}") from None
+        return _parse_index(text, index, index.rsplit("/", 1)[0], base_url)
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "index.json"
+        if not path.is_file():
+            return None
+    elif not spec.endswith(".json"):
+        return None
+    if not path.is_file():
+        raise ShardSpecError(f"shards: index file {spec} not found")
+    return _parse_index(path.read_text(), str(path), str(path.parent), base_url)
+
+
+def resolve_set(spec: str, remote: Remote | None = None, base_url: str | None = None) -> ShardSet:
+    """The shard set of a `shards` setting: a local or remote index.json (or a folder holding one), a folder
+    of .tar files, or a brace pattern of paths or URLs. `base_url` (else the index's own `base_url`) is where
+    the listed files are read from instead of next to index.json."""
+    remote = remote or Remote()
+    indexed = load_index(spec, remote, base_url)
+    if indexed is not None:
+        out = indexed[1]
+    elif Path(spec).is_dir():
+        out = ShardSet(sorted(str(p) for p in Path(spec).glob("*.tar")), None, {})
     else:
-        urls, counts = list(braceexpand.braceexpand(spec)), None
-        missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not Path(u).exists()]
+        urls = list(braceexpand.braceexpand(spec))
+        missing = [u for u in urls if not _is_url(u) and not Path(u).exists()]
         if missing:
             raise ShardSpecError(f"shards: {len(missing)} of {len(urls)} shard(s) not found, e.g. {missing[0]}")
-    if not urls:
+        out = ShardSet(urls, None, {})
+    if not out.urls:
         raise ShardSpecError(f"shards: no .tar shards found for {spec!r}")
-    return urls, counts
+    try:
+        remote.check(out.urls[0])
+    except ValueError as e:
+        raise ShardSpecError(f"shards: {e}") from None
+    return out
+
+
+def resolve_shards(spec: str, remote: Remote | None = None, base_url: str | None = None,
+                   ) -> tuple[list[str], list[int] | None]:
+    """(urls, samples per shard or None when unknown). Counts come from index.json when there is one."""
+    out = resolve_set(spec, remote, base_url)
+    return out.urls, out.counts
+
+
+def config_shards(cfg: object) -> ShardSet:
+    """The shard set of a DataConfig (its remote settings and base_url applied)."""
+    return resolve_set(cfg.shards, Remote.of(cfg), cfg.base_url)
 
 
 def shard_name(url: str) -> str:
-    return url.rsplit("/", 1)[-1]
+    return shard_label(url)
 
 
 def shards_digest(urls: list[str], counts: list[int] | None) -> str:

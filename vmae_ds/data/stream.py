@@ -24,12 +24,12 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from vmae_ds.data.config import DataConfig
 from vmae_ds.data.decode import DecodeError, open_video
+from vmae_ds.data.remote import READ_COUNTERS, Remote, ShardOpener, ShardUnreachable
 from vmae_ds.data.shards import (
     EpochLayout,
     Layout,
@@ -55,12 +55,13 @@ __all__ = ["ClipStream", "CorruptSample", "InFlight", "MultiScaleCrops", "ShardR
 log = logging.getLogger("vmae_ds.data")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "m4v", "flv", "mpg", "mpeg", "3gp", "ts")
 RECENT = 8  # how many recent problems each worker keeps for stats()
-COUNTERS = ("decoded", "corrupt", "quarantined", "missing")
+COUNTERS = ("decoded", "corrupt", "quarantined", "missing", *READ_COUNTERS)
+NAMED = ("bad_shards", "unreachable")  # {shard name: times}
 
 
 def initial_position(worker: int, batch: int = 0, epoch: int = 0) -> dict:
     return {"worker": worker, "batch": batch, "epoch": epoch, "chunk": 0, "offset": 0,
-            **dict.fromkeys(COUNTERS, 0), "bad_shards": {}, "recent": []}
+            **dict.fromkeys(COUNTERS, 0), **{k: {} for k in NAMED}, "recent": []}
 
 
 class CorruptSample(Exception):
@@ -85,13 +86,19 @@ def _bad_shard(pos: dict, name: str, text: str, warned: set[str] | None = None) 
             warned.add(f"{name}:{text[:20]}")
 
 
-def _tar_samples(url: str) -> Iterator[dict]:
-    with wds.gopen(url, "rb") as stream:
+def _tar_samples(url: str, opener: ShardOpener | None, pos: dict) -> Iterator[dict]:
+    with (opener or ShardOpener()).open(url, pos) as stream:
         yield from group_by_keys({**f, "__url__": url} for f in tar_file_iterator(stream))
 
 
-def read_indexed(url: str, wanted: list[int], count: int | None, pos: dict,
-                 warned: set[str] | None = None) -> Iterator[tuple[int, dict | None]]:
+def _lost_shard(pos: dict, name: str, e: Exception, text: str, warned: set[str] | None) -> None:
+    if isinstance(e, ShardUnreachable):
+        pos["unreachable"][name] = pos["unreachable"].get(name, 0) + 1
+    _bad_shard(pos, name, text, warned)
+
+
+def read_indexed(url: str, wanted: list[int], count: int | None, pos: dict, warned: set[str] | None = None,
+                 opener: ShardOpener | None = None) -> Iterator[tuple[int, dict | None]]:
     """(local index, sample) for the `wanted` indices of one shard, in that order; (i, None) for each one the
     shard lacks. `wanted` is a block-wise permutation of ascending runs, so at most one block is buffered;
     unwanted samples are passed over without decoding. With `count` (the index's sample count) and the shard's
@@ -101,7 +108,7 @@ def read_indexed(url: str, wanted: list[int], count: int | None, pos: dict,
     name = shard_name(url)
     seen = 0
     try:
-        samples = _tar_samples(url)
+        samples = _tar_samples(url, opener, pos)
         for i, sample in enumerate(samples):
             seen = i + 1
             if i in need:
@@ -115,7 +122,7 @@ def read_indexed(url: str, wanted: list[int], count: int | None, pos: dict,
             if i >= last:
                 break
     except Exception as e:  # unreadable or truncated shard: name it, count what is lost, go on
-        _bad_shard(pos, name, f"{type(e).__name__}: {e}", warned)
+        _lost_shard(pos, name, e, f"{type(e).__name__}: {e}", warned)
     else:
         if seen <= last:
             _bad_shard(pos, name, f"ended after {seen} samples, index.json lists {count}", warned)
@@ -128,8 +135,9 @@ class ShardReader:
     """Reads one reader's samples, piece after piece, epoch after epoch, keeping `pos` exact."""
 
     def __init__(self, urls: list[str], cfg: DataConfig, rank: int, world_size: int, workers: int, seed: int,
-                 w: int, layout: Layout | None = None):
+                 w: int, layout: Layout | None = None, opener: ShardOpener | None = None):
         self.urls, self.cfg, self.w, self.seed = urls, cfg, w, seed
+        self.opener = opener or ShardOpener(Remote.of(cfg))
         self.layout = layout or PassLayout(len(urls), seed, world_size, workers, rank)
         self.counts = layout.counts if isinstance(layout, EpochLayout) else None
         self._open: tuple[int, int] | None = None
@@ -142,13 +150,13 @@ class ShardReader:
     def samples(self, url: str, pos: dict, shuffle_seed: int | None = None) -> Iterator[dict]:
         """The samples of a whole shard; with a seed, shuffled within blocks of cfg.shuffle_block."""
         try:
-            grouped = _tar_samples(url)
+            grouped = _tar_samples(url, self.opener, pos)
             if shuffle_seed is not None and self.cfg.shuffle_block > 1:
                 grouped = _block_shuffle(grouped, self.cfg.shuffle_block, shuffle_seed)
             yield from grouped
         except Exception as e:  # unreadable or truncated shard: report it by name, go on with the next
-            _bad_shard(pos, shard_name(url), f"{type(e).__name__}: {e}; continuing with the next shard",
-                       self._warned)
+            _lost_shard(pos, shard_name(url), e, f"{type(e).__name__}: {e}; continuing with the next shard",
+                        self._warned)
 
     def _open_piece(self, pos: dict) -> None:
         e, c = pos["epoch"], pos["chunk"]
@@ -164,7 +172,7 @@ class ShardReader:
         else:
             order = piece_order(piece, self.cfg.shuffle_block, seed)[pos["offset"]:]
             count = self.counts[piece.shard] if self.counts else None
-            self._it = read_indexed(url, order, count, pos, self._warned)
+            self._it = read_indexed(url, order, count, pos, self._warned, self.opener)
         self._open, self._name, self._got = (e, c), shard_name(url), 0
 
     def next_sample(self, pos: dict) -> dict:
@@ -329,8 +337,10 @@ class ClipStream(IterableDataset):
 
     def __init__(self, urls: list[str], cfg: DataConfig, *, layout: Layout, videos_per_batch: int, seed: int,
                  start: list[dict], rotation: int, transform: Transform, quarantine: frozenset[str] = frozenset(),
-                 records: str | None = None, fault_keys: dict[str, str] | None = None):
+                 records: str | None = None, fault_keys: dict[str, str] | None = None,
+                 opener: ShardOpener | None = None):
         self.urls, self.cfg, self.layout, self.vpb, self.seed = urls, cfg, layout, videos_per_batch, seed
+        self.opener = opener
         self.start, self.rotation, self.transform = start, rotation, transform
         self.quarantine, self.records, self.fault_keys = quarantine, records, fault_keys
 
@@ -341,9 +351,9 @@ class ClipStream(IterableDataset):
         if info is not None:
             torch.set_num_threads(1)  # one decode thread + one op thread per worker
         flight = InFlight(self.records if info is not None else None, w, self.fault_keys)
-        pos = json.loads(json.dumps(self.start[w]))
+        pos = {**initial_position(w), **json.loads(json.dumps(self.start[w]))}  # states saved before new counters
         reader = ShardReader(self.urls, self.cfg, self.layout.rank, self.layout.world, workers, self.seed, w,
-                             self.layout)
+                             self.layout, self.opener)
         in_a_row = 0  # corrupt samples since the last good one
         while True:
             j = pos["batch"]

@@ -15,8 +15,8 @@ def batches_per_epoch(cfg: RunConfig, loader: Any, world: int) -> int:
         return len(loader)
     except TypeError:  # resampled shards stream forever: count the clips in the shard index instead
         pass
-    from ..data.shards import resolve_shards
-    _, counts = resolve_shards(cfg.shards_config().shards)
+    from ..data.shards import config_shards
+    counts = config_shards(cfg.shards_config()).counts
     if counts is None:
         if cfg.optim.steps_per_epoch:
             return cfg.optim.steps_per_epoch * cfg.optim.grad_accum

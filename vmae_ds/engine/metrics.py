@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .storage_report import storage_line
+
 # Dense bf16 tensor-core peak per device, FLOP/s (vendor datasheets, no sparsity). The NVL and PCIe
 # cards run at lower clocks and power than the SXM modules of the same name.
 PEAK_BF16_FLOPS: dict[str, float] = {
@@ -133,7 +135,7 @@ def data_problems(rec: dict) -> str:
         if names:
             shown = ", ".join(names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "")
             out += f" | decoder {kind} on {len(names)}: {shown}"
-    return out
+    return out + storage_line(rec)
 
 
 def say(msg: str) -> None:

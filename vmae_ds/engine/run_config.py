@@ -294,10 +294,10 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
     """YAML + `a.b=value` overrides -> RunConfig; raises a one-line ConfigError."""
     cfg = load_config(RunConfig, path, overrides)
     if cfg.data.kind == "shards":  # fail at start-up, not at the first batch
-        from ..data.shards import ShardSpecError, resolve_shards
+        from ..data.shards import ShardSpecError, config_shards
 
         try:
-            resolve_shards(cfg.shards_config().shards)
+            config_shards(cfg.shards_config())
         except ShardSpecError as e:  # its message starts with "shards: " and names the path
             raise ConfigError(f"data.shards.{e}") from None
     return cfg

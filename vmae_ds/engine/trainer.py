@@ -45,6 +45,7 @@ from .prefetch import BatchPrefetcher
 from .quarantine import read_quarantine, write_quarantine
 from .resume import resume_conflicts
 from .run_config import RunConfig
+from .storage_report import StorageMeter, read_totals
 
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, after the checkpoint is safely written
@@ -257,6 +258,7 @@ class _Loop:
             say(f"MFU: n/a (no peak-FLOPs entry for device {dev_name or get_accelerator().device_name()})")
         self.metrics = MetricsWriter(run_dir, rank == 0, cfg.logging.tensorboard, state.step)
         self.quarantine_written = read_quarantine(run_dir)
+        self.storage = StorageMeter()  # shard reads per rank in the records (data_problems)
         self.keys_log = open(run_dir / f"keys.rank{rank}.jsonl", "a") if cfg.debug.log_keys else None
 
     # ------------------------------------------------------------------ checkpoints
@@ -460,11 +462,12 @@ class _Loop:
         dist.all_reduce(bad, group=self.host_group)
         out: dict = {"data_skipped": int(bad.item())}
         mine = {"crashed": list(st.get("crashed", [])), "hung": list(st.get("hung", [])),
-                "quarantine": list(st.get("quarantine", []))}
+                "quarantine": list(st.get("quarantine", [])), "read": read_totals(st)}
         every: list[dict] = [{} for _ in range(self.world)]
         dist.all_gather_object(every, mine, group=self.host_group)
         for kind in ("crashed", "hung"):
             out[f"data_{kind}"] = sorted({k for m in every for k in m[kind]})
+        out.update(self.storage.fields([m["read"] for m in every]))
         quarantine = sorted({k for m in every for k in m["quarantine"]})
         if self.rank == 0 and quarantine and quarantine != self.quarantine_written:
             write_quarantine(self.run_dir, quarantine)

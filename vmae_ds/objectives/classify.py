@@ -157,10 +157,12 @@ class ClassifyObjective(Objective):
 
 
 def eval_data_config(base: dict, shards: str, workers: int, num_frames: int, img_size: int) -> Any:
-    """The DataConfig for evaluation shards: the training sampling (stride per source, backend) where given."""
+    """The DataConfig for evaluation shards: the training sampling (stride per source, backend) and remote
+    read settings where given."""
     from ..data import DataConfig
 
-    keep = {k: base[k] for k in ("sampling_rate", "source_sampling_rate", "backend") if k in base}
+    keep = {k: base[k] for k in ("sampling_rate", "source_sampling_rate", "backend", "read_timeout_s", "read_retries",
+                                 "retry_backoff_s", "remote_commands", "cache_dir", "cache_gib") if k in base}
     return DataConfig(shards=shards, num_frames=num_frames, input_size=img_size, num_workers=workers, **keep)
 
 
@@ -168,11 +170,17 @@ def class_names_of(shards: str | None) -> list[str] | None:
     """Class names stored with labelled shards (labels.json next to index.json), if any."""
     if not shards:
         return None
-    folder = Path(shards).parent if shards.endswith(".json") else Path(shards)
-    path = folder / "labels.json"
-    if not path.is_file():
-        return None
+    from ..data.remote import Remote, fetch, is_remote
+
     try:
-        return list(json.loads(path.read_text())["classes"])
-    except (ValueError, KeyError, TypeError):
+        if is_remote(shards):  # next to a remote index.json: one try (most sets have no labels.json)
+            folder = shards.rsplit("/", 1)[0] if shards.endswith(".json") else shards.rstrip("/")
+            text = fetch(f"{folder}/labels.json", Remote(retries=0))
+        else:
+            folder = Path(shards).parent if shards.endswith(".json") else Path(shards)
+            if not (folder / "labels.json").is_file():
+                return None
+            text = (folder / "labels.json").read_bytes()
+        return list(json.loads(text)["classes"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
