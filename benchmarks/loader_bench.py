@@ -3,7 +3,8 @@
 Reference (VideoMAE V2's VideoMAE dataset): decord decodes the needed frames at full size, each frame
 becomes a PIL image, every one of the num_sample repeats crops and resizes every frame (PIL), then
 converts to float and normalises on the CPU; float batches cross to the main process.
-Ours: decord decodes the needed frames, crops run on uint8 tensors for the whole clip at once, the batch
+Ours (backend pyav by default, --backend to choose): only the needed frames are decoded (non-reference frames
+nobody sampled are skipped), crops run on uint8 tensors for the whole clip at once, the batch
 stays uint8 (normalised later on the GPU), masks are made in the main process.
 
 clips/s counts output samples (each decoded clip gives num_sample of them, in both pipelines).
@@ -12,6 +13,8 @@ clips per CPU-second: fair on a shared or small machine.
 
     python -m benchmarks.loader_bench                      # makes synthetic 320p shards first
     python -m benchmarks.loader_bench --shards DIR --workers 8 --batches 50
+    python -m benchmarks.loader_bench --videos DIR --builds 16:0 16:3 --backend decord pyav --breakdown
+                                       # real videos built to 320p both ways, per-stage CPU breakdown first
     python -m benchmarks.loader_bench --synth-size 720x1280 --reencode   # 720p sources: original bytes vs
                                                                           # shards built with --reencode
 """
@@ -77,6 +80,15 @@ class ReferenceStream(IterableDataset):
             yield out
 
 
+def _on_gpu(batches: Iterator[dict]) -> Iterator[dict]:
+    """backend nvdec: each batch decoded on the GPU (what the training step's `.to(device)` does), finished
+    before the next is asked for, so the wall time includes the GPU's decode."""
+    for b in batches:
+        b["video"] = b["video"].to("cuda")
+        torch.cuda.synchronize()
+        yield b
+
+
 def _collate(items: list[list[torch.Tensor]]) -> torch.Tensor:
     return torch.stack([x for item in items for x in item])
 
@@ -122,18 +134,20 @@ def synth_shards(folder: Path, clips: int, size: tuple[int, int], frames: int, r
     return _build(folder / "m.jsonl", folder / ("shards_reencoded" if reencode else "shards"), reencode, workers)
 
 
-def _build(manifest: Path, out: Path, reencode: bool, workers: int, keyint: int = 16) -> Path:
+def _build(manifest: Path, out: Path, reencode: bool, workers: int, keyint: int = 16, bframes: int = 3) -> Path:
     from data_tools.build import build_shards
     from data_tools.clipcheck import ClipSettings
 
     build_shards(manifest, out, shard_size=8, workers=workers, progress=False,
-                 clip=ClipSettings(reencode=reencode, keyint=keyint))
+                 clip=ClipSettings(reencode=reencode, keyint=keyint, bframes=bframes))
     return out
 
 
-def video_shards(videos: Path, folder: Path, repeat: int, workers: int, keyint: int = 16) -> tuple[Path, int]:
+def video_shards(videos: Path, folder: Path, repeat: int, workers: int, keyint: int = 16,
+                 bframes: int = 3) -> tuple[Path, int]:
     """Real videos (every file of `videos`, each listed `repeat` times) built with `--reencode` into 320p shards
-    (keyframe every `keyint`): the copies both pipelines read, as the authors read 320p copies."""
+    (keyframe every `keyint`, `bframes` non-reference B-frames): the copies both pipelines read, as the authors
+    read 320p copies."""
     from data_tools.manifest import ClipRow, scan_folder, write_manifest
 
     found = scan_folder(videos, source="k710")
@@ -141,7 +155,7 @@ def video_shards(videos: Path, folder: Path, repeat: int, workers: int, keyint: 
         raise SystemExit(f"python -m benchmarks.loader_bench: error: --videos {videos}: no video files there")
     manifest = folder / "videos.jsonl"
     write_manifest([ClipRow(path=r.path, source=r.source) for _ in range(repeat) for r in found], manifest)
-    return _build(manifest, folder / f"videos_k{keyint}", True, workers, keyint), len(found)
+    return _build(manifest, folder / f"videos_k{keyint}_b{bframes}", True, workers, keyint, bframes), len(found)
 
 
 # Samples/s one GPU consumes (the issue's arithmetic, H100/H200 bf16 dense peak 989 TFLOP/s): ViT-B dual masking
@@ -157,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--videos", help="a folder of real videos: built with --reencode into 320p shards (each "
                    "video --repeat times) that both pipelines read")
     p.add_argument("--repeat", type=int, default=8, help="--videos: copies of each video in the shards (default 8)")
-    p.add_argument("--keyint", type=int, nargs="+", default=[16], help="--videos: build one shard set per keyframe "
-                   "interval and measure each (default 16, the --reencode default)")
+    p.add_argument("--builds", nargs="+", default=["16:3"], metavar="KEYINT:BFRAMES",
+                   help="--videos: one 320p shard set per entry, built with --reencode --keyint KEYINT --bframes "
+                   "BFRAMES (default 16:3, the --reencode defaults; 16:0 is the layout before non-reference "
+                   "B-frames)")
     p.add_argument("--synth-clips", type=int, default=24,
                    help="synthetic clips when --shards is not given (default 24)")
     p.add_argument("--synth-size", default="320x426", help="synthetic clip HxW (default 320x426, short side 320)")
@@ -168,13 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-sample", type=int, default=4, help="repeated augmentation (default 4)")
     p.add_argument("--num-frames", type=int, default=16, help="frames per clip (default 16)")
     p.add_argument("--input-size", type=int, default=224, help="crop side in pixels (default 224)")
-    p.add_argument("--backend", nargs="+", default=["pyav"], choices=("decord", "pyav"),
-                   help="our decoder; several: our pipeline once with each (default pyav)")
+    p.add_argument("--backend", nargs="+", default=["pyav"], choices=("decord", "pyav", "nvdec"),
+                   help="our decoder; several: our pipeline once with each (default pyav; nvdec: the batches are "
+                   "decoded on the GPU in this process, CUDA only)")
     p.add_argument("--batches", type=int, default=20, help="timed batches per pipeline (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first (default 3)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is shown (default 3)")
-    p.add_argument("--pipelines", nargs="+", default=["ours", "reference"], choices=("ours", "reference"),
-                   help="which pipelines to time (default both)")
+    p.add_argument("--pipelines", nargs="*", default=["ours", "reference"], choices=("ours", "reference"),
+                   help="which pipelines to time (default both; none: only --breakdown)")
     p.add_argument("--breakdown", type=int, nargs="?", const=48, default=0, metavar="CLIPS",
                    help="first time every stage of a worker's work per decoded clip over CLIPS clips (default 48; "
                    "see benchmarks/loader_breakdown.py) on each shard set")
@@ -189,9 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         sets: list[tuple[str, str]] = []
         workers = max(1, a.workers)
         if a.videos:
-            for k in a.keyint:
-                shards, n = video_shards(Path(a.videos), Path(tmp), a.repeat, workers, k)
-                sets.append((f"320p, keyframe {k}", str(shards)))
+            for spec in a.builds:
+                k, bf = (int(x) for x in spec.split(":"))
+                shards, n = video_shards(Path(a.videos), Path(tmp), a.repeat, workers, k, bf)
+                sets.append((f"320p keyint {k} bframes {bf}", str(shards)))
             label = f"{n} real videos of {a.videos} x {a.repeat}, vmae-shards build --reencode"
         elif a.shards is None:
             h, w = (int(x) for x in a.synth_size.split("x"))
@@ -217,14 +235,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{p.prog}: error: --{e}", file=sys.stderr)
                 return 2
             cfg = DataConfig(shards=shards, num_frames=a.num_frames, input_size=a.input_size,
-                             num_sample=a.num_sample, num_workers=a.workers, pin_memory=False, backend=a.backend[0])
+                             num_sample=a.num_sample, num_workers=a.workers, pin_memory=False,
+                             backend=next((b for b in a.backend if b != "nvdec"), "pyav"))
             if a.breakdown:
                 from benchmarks.loader_breakdown import breakdown, report
 
                 res = breakdown(urls, cfg, a.breakdown, a.batch_size // a.num_sample)
                 if counts:
                     res["bytes_per_clip"] = _shard_bytes(urls) / sum(counts)
-                print(f"\n{name}: " + report(res), flush=True)
+                size = f", {res['bytes_per_clip'] / 1e3:.0f} kB per clip" if counts else ""
+                print(f"\n{name}{size}, backend {cfg.backend}: " + report(res), flush=True)
                 results[f"breakdown, {name}"] = res
             for pipeline, stats in _rounds(cfg, urls, a).items():
                 results[f"{pipeline}, {name}" if len(sets) > 1 else pipeline] = stats
@@ -272,8 +292,11 @@ def _rounds(cfg: DataConfig, urls: list[str], a: argparse.Namespace) -> dict[str
         mine = cfg.model_copy(update={"backend": backend})
         loader = build_pretrain_loader(mine, batch_size=a.batch_size, rank=0, world_size=1, seed=0,
                                        mask_fn=default_mask_fn(token_grid(mine)))
-        try:  # exact epochs end; the measured stream runs on
-            return measure(endless(loader), a.batches, a.warmup, a.batch_size)
+        batches = endless(loader)  # exact epochs end; the measured stream runs on
+        if backend == "nvdec":
+            batches = _on_gpu(batches)
+        try:
+            return measure(batches, a.batches, a.warmup, a.batch_size)
         finally:
             loader.close()
 
@@ -290,7 +313,7 @@ def _rounds(cfg: DataConfig, urls: list[str], a: argparse.Namespace) -> dict[str
     runs = {"reference (authors' way)": run_reference} if "reference" in a.pipelines else {}
     if "ours" in a.pipelines:
         for b in a.backend:
-            runs[f"ours, {b}" if len(a.backend) > 1 else "ours (uint8, batched crops)"] = functools.partial(run_ours, b)
+            runs[f"ours, {b}"] = functools.partial(run_ours, b)
     rounds: dict[str, list[dict]] = {k: [] for k in runs}
     for _ in range(a.rounds):
         for k, run in runs.items():

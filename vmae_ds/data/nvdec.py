@@ -104,6 +104,22 @@ def cpu_views(plan: ClipPlan, size: int) -> torch.Tensor:
     return torch.stack([crop_resize_thwc(frames, b, size).permute(3, 0, 1, 2) for b in plan.boxes])
 
 
+def _torch_context(device: torch.device) -> int:
+    """The CUDA context torch uses on `device` (its primary context), so the decoder's frames live where torch's
+    tensors do; 0 (the decoder picks) if the driver cannot be asked."""
+    import ctypes
+
+    torch.cuda.set_device(device)
+    torch.empty(1, device=device)  # makes torch's context current on this thread
+    try:
+        ctx = ctypes.c_void_p()
+        if ctypes.CDLL("libcuda.so.1").cuCtxGetCurrent(ctypes.byref(ctx)) == 0 and ctx.value:
+            return int(ctx.value)
+    except OSError:
+        pass
+    return 0
+
+
 @dataclass
 class NvdecStats:
     gpu_clips: int = 0
@@ -129,6 +145,7 @@ class NvdecDecoder:
         self.gpu = gpu  # False: every clip through the CPU path (tests of the plumbing on a machine without one)
         self._nvc = None
         self._stream: torch.cuda.Stream | None = None
+        self._context = 0
 
     def batch(self, plans: list[ClipPlan]) -> NvdecBatch:
         return NvdecBatch(plans, self)
@@ -140,11 +157,13 @@ class NvdecDecoder:
 
             self._nvc = nvc
             self._stream = torch.cuda.Stream(device)
+            self._context = _torch_context(device)
         nvc, stream, current = self._nvc, self._stream, torch.cuda.current_stream(device)
         uniq = sorted(set(plan.indices))
         stream.wait_stream(current)  # the decoder's surfaces may be reused: earlier copies out of them come first
-        dec = nvc.SimpleDecoder(plan.data, gpu_id=device.index or 0, use_device_memory=True,
-                                cuda_stream=stream.cuda_stream, output_color_type=nvc.OutputColorType.RGB)
+        dec = nvc.SimpleDecoder(plan.data, gpu_id=device.index or 0, cuda_context=self._context,
+                                cuda_stream=stream.cuda_stream, use_device_memory=True,
+                                output_color_type=nvc.OutputColorType.RGB)
         if len(dec) < uniq[-1] + 1:
             raise DecodeError(f"NVDEC sees {len(dec)} frames, frame {uniq[-1]} was sampled")
         decoded = dec.get_batch_frames_by_index(uniq)
