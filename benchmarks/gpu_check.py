@@ -74,7 +74,7 @@ def _metrics(run_dir: Path, skip: int) -> dict:
 # the step's sync check and kernel parity first; the CLI test (a subprocess with a max-batch search) is left to
 # `pytest -m gpu`, it took most of the stage's budget on the H200
 GPU_TEST_FILES = ["tests/test_gpu_step.py", "tests/test_attention.py", "tests/test_augment.py",
-                  "tests/test_bench_gpu.py"]
+                  "tests/test_data_nvdec.py", "tests/test_bench_gpu.py"]
 GPU_TEST_SKIP = ["tests/test_bench_gpu.py::test_cli_on_cuda_with_deepspeed_row"]
 
 

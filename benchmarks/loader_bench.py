@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="which pipelines to time (default both; none: only --breakdown)")
     p.add_argument("--breakdown", type=int, nargs="?", const=48, default=0, metavar="CLIPS",
                    help="first time every stage of a worker's work per decoded clip over CLIPS clips (default 48; "
-                   "see benchmarks/loader_breakdown.py) on each shard set")
+                   "see benchmarks/loader_breakdown.py) on each shard set, with each CPU --backend")
     p.add_argument("--reencode", action="store_true", help="synthetic clips: also build them with --reencode and "
                    "measure both pipelines on both shard sets (original bytes vs re-encoded 320p, keyframe 16)")
     p.add_argument("--json", help="also write the results here")
@@ -237,15 +237,16 @@ def main(argv: list[str] | None = None) -> int:
             cfg = DataConfig(shards=shards, num_frames=a.num_frames, input_size=a.input_size,
                              num_sample=a.num_sample, num_workers=a.workers, pin_memory=False,
                              backend=next((b for b in a.backend if b != "nvdec"), "pyav"))
-            if a.breakdown:
+            for backend in [b for b in a.backend if b != "nvdec"] if a.breakdown else []:
                 from benchmarks.loader_breakdown import breakdown, report
 
-                res = breakdown(urls, cfg, a.breakdown, a.batch_size // a.num_sample)
+                res = breakdown(urls, cfg.model_copy(update={"backend": backend}), a.breakdown,
+                                a.batch_size // a.num_sample)
                 if counts:
                     res["bytes_per_clip"] = _shard_bytes(urls) / sum(counts)
                 size = f", {res['bytes_per_clip'] / 1e3:.0f} kB per clip" if counts else ""
-                print(f"\n{name}{size}, backend {cfg.backend}: " + report(res), flush=True)
-                results[f"breakdown, {name}"] = res
+                print(f"\n{name}{size}, backend {backend}: " + report(res), flush=True)
+                results[f"breakdown, {backend}, {name}"] = res
             for pipeline, stats in _rounds(cfg, urls, a).items():
                 results[f"{pipeline}, {name}" if len(sets) > 1 else pipeline] = stats
 
