@@ -10,7 +10,7 @@ Every stage of one worker's work is timed in this process (one thread, as a work
   collate     the crops packed into the (B, 3, T, S, S) batch
   shm         the batch's pages moved to shared memory for the main process (what the DataLoader does)
 
-`decode` is split further with PyAV's decoder, which can be timed one frame at a time: the frames the
+`decode` is split further with PyAV's decoder, timed one packet at a time as its reader walks: the frames the
 sampler asked for, the frames decoded only because decoding reaches them (from the keyframe before each
 wanted frame), and the YUV -> RGB conversion of the wanted frames. The main process (batch receive, masks)
 is the difference between the whole pipeline's CPU time and the workers', printed by loader_bench.
@@ -118,7 +118,7 @@ def report(res: dict) -> str:
     rows += [f"| {k} | {v:.1f} | {v / total * 100:.0f} % |" for k, v in per.items()]
     rows.append(f"| worker total | {total:.1f} | 100 % |")
     s = res["decode_split_ms"]
-    rows += ["", f"decode, timed frame by frame with PyAV on the same draws: {res['frames_decoded_per_clip']:.1f} "
+    rows += ["", f"decode, timed packet by packet with PyAV on the same draws: {res['frames_decoded_per_clip']:.1f} "
              f"frames decoded per clip for {res['frames_wanted_per_clip']} wanted",
              "| part | ms per clip |", "|---|---|",
              f"| decode of the wanted frames | {s['decode_wanted']:.1f} |",
