@@ -19,6 +19,8 @@ differ by at most 1 level on the same input, tests/test_data_nvdec.py).
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -104,6 +106,13 @@ def cpu_views(plan: ClipPlan, size: int) -> torch.Tensor:
     return torch.stack([crop_resize_thwc(frames, b, size).permute(3, 0, 1, 2) for b in plan.boxes])
 
 
+def _indexed(device: torch.device | str) -> torch.device:
+    """'cuda' -> 'cuda:<current>' (the decoder and torch.cuda.set_device need the index)."""
+    device = torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None \
+        else device
+
+
 def _torch_context(device: torch.device) -> int:
     """The CUDA context torch uses on `device` (its primary context), so the decoder's frames live where torch's
     tensors do; 0 (the decoder picks) if the driver cannot be asked."""
@@ -136,31 +145,37 @@ class NvdecStats:
                 "recent": list(self.recent)}
 
 
+THREADS = 4  # clips decoded at once: a GPU has several NVDEC engines, and PyNvVideoCodec releases the GIL
+
+
 class NvdecDecoder:
-    """Main-process side: GPU decoding of plans, with the CPU path as the per-clip fallback (counted)."""
+    """Main-process side: GPU decoding of plans (THREADS clips at once, each thread on its own CUDA stream), with
+    the CPU path as the per-clip fallback (counted)."""
 
     def __init__(self, cfg: DataConfig, gpu: bool = True):
         self.size, self.num_sample = cfg.input_size, cfg.num_sample
         self.stats = NvdecStats()
         self.gpu = gpu  # False: every clip through the CPU path (tests of the plumbing on a machine without one)
         self._nvc = None
-        self._stream: torch.cuda.Stream | None = None
         self._context = 0
+        self._lock = threading.Lock()
+        self._local = threading.local()  # per decoding thread: its CUDA stream
+        self._pool: ThreadPoolExecutor | None = None
 
     def batch(self, plans: list[ClipPlan]) -> NvdecBatch:
         return NvdecBatch(plans, self)
 
     def _gpu_frames(self, plan: ClipPlan, device: torch.device) -> torch.Tensor:
-        """uint8 (T, H, W, 3) on `device`, the plan's frames in its order, decoded by NVDEC."""
-        if self._nvc is None:
-            import PyNvVideoCodec as nvc
+        """uint8 (T, H, W, 3) on `device`, the plan's frames in its order, decoded by NVDEC on this thread's
+        current stream (the decoder writes, then the copy out of its buffers runs, in that stream's order)."""
+        with self._lock:
+            if self._nvc is None:
+                import PyNvVideoCodec as nvc
 
-            self._nvc = nvc
-            self._stream = torch.cuda.Stream(device)
-            self._context = _torch_context(device)
-        nvc, stream, current = self._nvc, self._stream, torch.cuda.current_stream(device)
+                self._context = _torch_context(device)
+                self._nvc = nvc
+        nvc, stream = self._nvc, torch.cuda.current_stream(device)
         uniq = sorted(set(plan.indices))
-        stream.wait_stream(current)  # the decoder's surfaces may be reused: earlier copies out of them come first
         dec = nvc.SimpleDecoder(plan.data, gpu_id=device.index or 0, cuda_context=self._context,
                                 cuda_stream=stream.cuda_stream, use_device_memory=True,
                                 output_color_type=nvc.OutputColorType.RGB)
@@ -169,7 +184,6 @@ class NvdecDecoder:
         decoded = dec.get_batch_frames_by_index(uniq)
         if len(decoded) != len(uniq):
             raise DecodeError(f"NVDEC returned {len(decoded)} of {len(uniq)} frames")
-        current.wait_stream(stream)
         frames = torch.stack([torch.from_dlpack(f) for f in decoded])  # copied out of the decoder's buffers
         if len(uniq) != len(plan.indices):
             frames = frames[[uniq.index(i) for i in plan.indices]]
@@ -180,23 +194,52 @@ class NvdecDecoder:
 
     def views(self, plan: ClipPlan, device: torch.device) -> torch.Tensor | None:
         """(num_sample, 3, T, S, S) uint8 on `device`; None when neither decoder can read the clip."""
+        device = _indexed(device)
         if self.gpu and device.type == "cuda":
             try:
                 out = crop_views(self._gpu_frames(plan, device), plan.boxes, self.size)
-                self.stats.gpu_clips += 1
+                with self._lock:
+                    self.stats.gpu_clips += 1
                 return out
             except Exception as e:  # any clip NVDEC cannot take: the CPU path decodes this one
-                self.stats.note("cpu_fallback", plan.key, e)
+                with self._lock:
+                    self.stats.note("cpu_fallback", plan.key, e)
                 log.warning("data: nvdec could not decode %s (%s); decoded on the CPU instead", plan.key, e)
         else:
-            self.stats.cpu_fallback += 1
+            with self._lock:
+                self.stats.cpu_fallback += 1
         try:
-            return cpu_views(plan, self.size).to(device, non_blocking=True)
+            return cpu_views(plan, self.size).to(device)
         except Exception as e:
-            self.stats.note("failed", plan.key, e)
+            with self._lock:
+                self.stats.note("failed", plan.key, e)
             log.warning("data: %s could not be decoded on the GPU or the CPU (%s); its rows repeat another clip "
                         "of the batch", plan.key, e)
             return None
+
+    def all_views(self, plans: list[ClipPlan], device: torch.device) -> list[torch.Tensor | None]:
+        """views() of every plan, in order; on CUDA THREADS at once, each thread on its own stream, the caller's
+        stream made to wait for all of them (and the results marked as used by it)."""
+        if device.type != "cuda" or len(plans) == 1:
+            return [self.views(p, device) for p in plans]
+        caller = torch.cuda.current_stream(device)
+
+        def work(plan: ClipPlan) -> tuple[torch.Tensor | None, torch.cuda.Stream]:
+            if getattr(self._local, "stream", None) is None:
+                self._local.stream = torch.cuda.Stream(device)
+            s = self._local.stream
+            with torch.cuda.device(device), torch.cuda.stream(s):
+                return self.views(plan, device), s
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="nvdec")
+        done = list(self._pool.map(work, plans))
+        for s in {id(s): s for _, s in done}.values():
+            caller.wait_stream(s)
+        for v, _ in done:
+            if v is not None:
+                v.record_stream(caller)  # made on a decoding stream, read on the caller's: no early reuse
+        return [v for v, _ in done]
 
 
 class NvdecBatch:
@@ -212,11 +255,9 @@ class NvdecBatch:
         self._done: dict[str, torch.Tensor] = {}
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> torch.Tensor:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = _indexed(device)
         if str(device) not in self._done:
-            views = [self.decoder.views(p, device) for p in self.plans]
+            views = self.decoder.all_views(self.plans, device)
             good = [v for v in views if v is not None]
             if not good:
                 raise DecodeError(f"no clip of the batch could be decoded: {[p.key for p in self.plans]}")
