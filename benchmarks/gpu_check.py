@@ -17,6 +17,9 @@ reported as such, with what it measured before, and the next one runs):
              host-sync-free step under torch.cuda.set_sync_debug_mode)
   umt        UMT-B's step (CLIP ViT-B/16 teacher with random weights) under the engine
   loader     ViT-B under the engine on real shards (320p H.264, num_workers = the machine's cores): data wait
+  nvdec      backend nvdec (GPU decoding) vs backend pyav on the machine's cores, same --reencode shards: samples/s
+             and decoded clips/s of the loader alone, and the data wait of a ViT-B run fed each way (by default
+             only where PyNvVideoCodec is installed; --only nvdec runs it anyway, the pyav half without CUDA)
 
 Below the table: the issue's targets (ViT-g MFU >= 45 %, ViT-B >= 40 %, >= 2.5x the authors' clips/s) next to
 the best run of each. Without CUDA it says so in one line and exits 2. Writes OUT/gpu_check.json and OUT/gpu_check.md.
@@ -74,7 +77,7 @@ def _metrics(run_dir: Path, skip: int) -> dict:
 # the step's sync check and kernel parity first; the CLI test (a subprocess with a max-batch search) is left to
 # `pytest -m gpu`, it took most of the stage's budget on the H200
 GPU_TEST_FILES = ["tests/test_gpu_step.py", "tests/test_attention.py", "tests/test_augment.py",
-                  "tests/test_bench_gpu.py"]
+                  "tests/test_data_nvdec.py", "tests/test_bench_gpu.py"]
 GPU_TEST_SKIP = ["tests/test_bench_gpu.py::test_cli_on_cuda_with_deepspeed_row"]
 
 
@@ -258,29 +261,84 @@ def stage_umt(out: Path, budget: float, steps: int, smoke: bool = False) -> dict
                                           f"optim.max_steps={steps}", f"umt.teacher.path={clip}"], recipe)
 
 
+def _real_shards(out: Path, smoke: bool, reencode: bool = False) -> tuple[Path | None, str | None]:
+    """48 synthetic 320p H.264 clips of 96 frames (made once) built into shards once, as stored or with
+    `--reencode` (non-reference B-frames: what the fast CPU path and NVDEC read); (folder, None) or (None, the
+    error line)."""
+    workers = max(1, (os.cpu_count() or 2) - 2)
+    videos, shards, manifest = out / "videos", out / ("shards_re" if reencode else "shards"), out / "videos.jsonl"
+    steps = []
+    if not (videos / "done").exists():
+        steps.append(["synth", "--out", str(videos), "--n", "48", "--frames", "96", "--size",
+                      "48x64" if smoke else "320x426"])
+    if not manifest.exists():
+        steps.append(["manifest", str(videos), "--out", str(manifest)])
+    if not (shards / "index.json").exists():
+        steps.append(["build", "--manifest", str(manifest), "--out", str(shards), "--workers", str(workers),
+                      "--shard-size", "8", "--backend", _decoder(), "--quiet", *(["--reencode"] if reencode else [])])
+    for args in steps:
+        r = subprocess.run([sys.executable, "-m", "data_tools", *args], cwd=ROOT, capture_output=True, text=True)
+        if r.returncode:
+            return None, (r.stderr.strip().splitlines() or ["?"])[-1]
+        if args[0] == "synth":
+            (videos / "done").touch()
+    return shards, None
+
+
 def stage_loader(out: Path, budget: float, steps: int, smoke: bool = False) -> dict:
     """ViT-B under the engine on real 320p H.264 shards, with as many decode workers as the machine has cores
     to spare: the data wait says whether the loader keeps the GPU fed."""
     t0 = time.time()
     workers = max(1, (os.cpu_count() or 2) - 2)
-    videos, shards = out / "videos", out / "shards"
-    cli = [sys.executable, "-m", "data_tools"]
+    shards, error = _real_shards(out, smoke)
+    if error:
+        return {"ok": False, "error": error}
     backend = _decoder()
-    size = "48x64" if smoke else "320x426"
-    for args in (["synth", "--out", str(videos), "--n", "48", "--frames", "96", "--size", size],
-                 ["manifest", str(videos), "--out", str(out / "videos.jsonl")],
-                 ["build", "--manifest", str(out / "videos.jsonl"), "--out", str(shards), "--workers",
-                  str(workers), "--shard-size", "8", "--backend", backend, "--quiet"]):
-        if not (shards / "index.json").exists():
-            r = subprocess.run(cli + args, cwd=ROOT, capture_output=True, text=True)
-            if r.returncode:
-                return {"ok": False, "error": (r.stderr.strip().splitlines() or ["?"])[-1]}
     over = [*SMOKE, "optim.batch_size=2"] if smoke else []
     res = _engine(out, "b_shards", budget - (time.time() - t0),
                   ["data.kind=shards", f"data.shards.shards={shards}", f"data.shards.num_workers={workers}",
                    f"data.shards.backend={backend}", f"optim.max_steps={steps}", *over],
                   "configs/pretrain/vit_base_hybrid.yaml")
     res["workers"] = workers
+    return res
+
+
+def stage_nvdec(out: Path, budget: float, steps: int, smoke: bool = False) -> dict:
+    """GPU decoding (backend nvdec) against the CPU path (backend pyav, the machine's cores as workers) on the
+    same --reencode shards: samples/s and decoded clips/s of the loader alone (benchmarks.loader_bench), then the
+    data-wait share of a ViT-B run fed each way. Without CUDA (--smoke) only the CPU path runs."""
+    t0 = time.time()
+    workers = max(1, (os.cpu_count() or 2) - 2)
+    shards, error = _real_shards(out, smoke, reencode=True)
+    if error:
+        return {"ok": False, "error": error}
+    import torch
+
+    backends = ["pyav", "nvdec"] if torch.cuda.is_available() else ["pyav"]
+    bench = out / "nvdec_loader.json"
+    size = ["--input-size", "32", "--num-frames", "4", "--batch-size", "4"] if smoke else ["--batch-size", "64"]
+    code, s = _run([sys.executable, "-m", "benchmarks.loader_bench", "--shards", str(shards), "--pipelines", "ours",
+                    "--backend", *backends, "--workers", str(workers), "--batches", "3" if smoke else "20",
+                    "--warmup", "1" if smoke else "3", "--rounds", "1", *size, "--json", str(bench)],
+                   budget / 3, out / "nvdec_loader.log")
+    res: dict = {"ok": code == 0, "seconds": s, "timed_out": code is None, "workers": workers,
+                 "backends": backends, "loader": {}}
+    if bench.exists():
+        for name, r in json.loads(bench.read_text()).items():
+            backend = name.split(", ")[1]  # "ours, pyav"
+            res["loader"][backend] = {"samples_per_s": r["clips_per_s"], "cores_used": r["cores_used"],
+                                      "clips_per_s": r["clips_per_s"] / (1 if smoke else 4)}
+    over = [*SMOKE, "optim.batch_size=2"] if smoke else []
+    res["engine"] = {}
+    for i, backend in enumerate(backends):
+        share = (budget - (time.time() - t0)) / (len(backends) - i)
+        nw = workers if backend != "nvdec" else min(workers, 4)  # nvdec workers only read and plan
+        e = _engine(out, f"b_{backend}", share,
+                    ["data.kind=shards", f"data.shards.shards={shards}", f"data.shards.num_workers={nw}",
+                     f"data.shards.backend={backend}", f"optim.max_steps={steps}", *over],
+                    "configs/pretrain/vit_base_hybrid.yaml")
+        res["engine"][backend] = {**e, "workers": nw}
+        res["ok"] = res["ok"] and e.get("ok", False)
     return res
 
 
@@ -328,6 +386,19 @@ def table(results: dict) -> str:
     wait = ld.get("data_wait")
     rows.append(engine_row("ViT-B on real shards", ld, f"{ld.get('workers')} workers, data wait "
                                                        f"{'n/a' if wait is None else f'{wait * 100:.0f}%'}"))
+    nv = results.get("nvdec", {})
+    for backend in ("pyav", "nvdec"):
+        ld, e = nv.get("loader", {}).get(backend), nv.get("engine", {}).get(backend)
+        if nv and backend not in nv.get("backends", []):
+            rows.append(f"| decode {backend} | not run | | | | | no CUDA device |")
+            continue
+        if ld or e:
+            wait = (e or {}).get("data_wait")
+            where = "GPU (NVDEC)" if backend == "nvdec" else f"CPU, {nv.get('workers')} workers"
+            rows.append(f"| decode {backend} ({where}) | {_status(e or {})} | {fmt((e or {}).get('clips_per_s'))} | "
+                        f"| | | loader alone: {fmt((ld or {}).get('samples_per_s'))} samples/s = "
+                        f"{fmt((ld or {}).get('clips_per_s'))} decoded clips/s, {fmt((ld or {}).get('cores_used'))} "
+                        f"CPU cores; ViT-B fed by it: data wait {'n/a' if wait is None else f'{wait * 100:.0f}%'} |")
     rows += ["", *targets(results)]
     return "\n".join(rows)
 
@@ -366,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="reports/gpu_check", help="report folder (default reports/gpu_check)")
     p.add_argument("--budget", type=float, default=470, help="seconds for everything (default 470, < 8 min)")
-    p.add_argument("--only", nargs="*", choices=("tests", "bench", "engine", "authors", "umt", "loader"),
+    p.add_argument("--only", nargs="*", choices=("tests", "bench", "engine", "authors", "umt", "loader", "nvdec"),
                    help="run only these stages")
     p.add_argument("--g-batch", type=int, default=32, help="ViT-g clips per micro-step (x num_sample 4)")
     p.add_argument("--steps", type=int, default=12, help="engine steps per run (the first 5 are warm-up)")
@@ -396,8 +467,13 @@ def main(argv: list[str] | None = None) -> int:
             ("bench", 45, lambda b: stage_bench(out, b, sm)),
             ("tests", 30, lambda b: stage_tests(out, b)),
             ("umt", 25, lambda b: stage_umt(out, b, args.steps, sm)),
-            ("loader", 30, lambda b: stage_loader(out, b, 12 if not sm else 3, sm))]
-    plan = [p for p in plan if not args.only or p[0] in args.only]
+            ("loader", 30, lambda b: stage_loader(out, b, 12 if not sm else 3, sm)),
+            ("nvdec", 90, lambda b: stage_nvdec(out, b, 12 if not sm else 3, sm))]
+    # nvdec by default only where PyNvVideoCodec is installed (the other stages' shares then shrink by 16 %)
+    import importlib.util
+
+    has_nvdec = importlib.util.find_spec("PyNvVideoCodec") is not None
+    plan = [p for p in plan if p[0] in (args.only or []) or not args.only and (p[0] != "nvdec" or has_nvdec)]
     total_share = sum(share for _, share, _ in plan)
     for name, share, fn in plan:
         left = args.budget - (time.time() - start)

@@ -89,7 +89,7 @@ def _cmd_hybrid(a: argparse.Namespace) -> int:
 
 def _cmd_build(a: argparse.Namespace) -> int:
     clip = ClipSettings(reencode=a.reencode, short_side=a.short_side, keyint=a.keyint, crf=a.crf,
-                        min_frames=a.min_frames, full_check=a.full_check, backend=a.backend,
+                        bframes=a.bframes, min_frames=a.min_frames, full_check=a.full_check, backend=a.backend,
                         window_margin=a.window_margin)
     summary = build_shards(a.manifest, a.out, prefix=a.prefix, shard_size=a.shard_size, workers=a.workers,
                            clip=clip, root=a.root, manifest_format=a.format, shuffle_seed=a.shuffle_seed,
@@ -204,6 +204,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--short-side", type=int, default=320, help="re-encode: short side in pixels (default 320)")
     b.add_argument("--keyint", type=int, default=16, help="re-encode: keyframe interval (default 16)")
     b.add_argument("--crf", type=int, default=23, help="re-encode: x264 quality, lower is better (default 23)")
+    b.add_argument("--bframes", type=int, default=3, help="re-encode: non-reference B-frames between P-frames, "
+                   "which the loader skips unless sampled (default 3; 0: every frame a reference)")
     b.add_argument("--min-frames", type=int, default=16,
                    help="skip clips with fewer frames than this as too short (default 16)")
     b.add_argument("--full-check", action="store_true",

@@ -39,6 +39,7 @@ class ClipSettings:
     short_side: int = 320
     keyint: int = 16
     crf: int = 23
+    bframes: int = 3  # re-encode: non-reference B-frames between P-frames (the loader does not decode unwanted ones)
     min_frames: int = 16
     full_check: bool = False  # decode every frame of the window, not only its first, middle and last
     backend: str = "decord"  # the loader's decoder (DataConfig.backend): the trial decode uses it
@@ -51,6 +52,8 @@ class ClipSettings:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {self.backend!r}")
         if self.window_margin < 0:
             raise ValueError(f"window_margin must be >= 0, got {self.window_margin}")
+        if not 0 <= self.bframes <= 16:
+            raise ValueError(f"bframes must be in [0, 16], got {self.bframes}")
 
 
 @dataclass
@@ -156,8 +159,13 @@ def _pyav_reason(data: bytes) -> str | None:
 
 
 def reencode(data: bytes, short_side: int, keyint: int, crf: int,
-             frames: tuple[int, int] | None = None) -> tuple[bytes, list[int]]:
+             frames: tuple[int, int] | None = None, bframes: int = 0) -> tuple[bytes, list[int]]:
     """H.264 (PyAV's bundled FFmpeg), short side scaled down to `short_side`, keyframe every `keyint`.
+
+    `bframes` > 0: that many B-frames between P-frames, in a fixed pattern, none of them a reference
+    (no B-pyramid), keyframes exactly every `keyint` (no scene-cut keyframes): a reader can skip every B-frame
+    it does not want without changing any other frame.
+    The source's frame types are not carried over (x264 would otherwise follow them).
 
     `frames` = (a, b): only the source frames [a, b) are decoded (after a seek) and encoded. Returns the
     new bytes and the source index of every stored frame. Every frame stored is decoded here, so this is
@@ -180,8 +188,10 @@ def reencode(data: bytes, short_side: int, keyint: int, crf: int,
                         vout = dst.add_stream("libx264", rate=rate)
                         vout.width, vout.height, vout.pix_fmt = tw, th, "yuv420p"
                         vout.options = {"g": str(keyint), "crf": str(crf), "preset": "veryfast",
-                                        "threads": "1", "bf": "0"}
+                                        "threads": "1", "bf": str(bframes),
+                                        "x264-params": "b-pyramid=none:b-adapt=0:scenecut=0"}
                     img = frame.reformat(width=vout.width, height=vout.height, format="yuv420p")
+                    img.pict_type = av.video.frame.PictureType.NONE  # x264 picks I/P/B, not the source
                     img.pts, img.time_base = len(kept), Fraction(1) / Fraction(rate)
                     dst.mux(vout.encode(img))
                     kept.append(idx)
@@ -346,7 +356,7 @@ def store_window(data: bytes, ext: str, row: ClipRow, settings: ClipSettings) ->
     full = settings.full_check and not settings.reencode  # re-encoding decodes every stored frame anyway
     if settings.reencode:
         data, kept = reencode(data, settings.short_side, settings.keyint, settings.crf,
-                              None if (a, b) == (0, n) else (a, b))
+                              None if (a, b) == (0, n) else (a, b), settings.bframes)
         ext = "mp4"
         # Counted, not subtracted: a stream that skips a timestamp has no frame to hold the place.
         fs, fe = sum(i < s for i in kept), sum(i < e for i in kept)
@@ -394,7 +404,8 @@ def process_clip(task: tuple[int, dict, str, ClipSettings]) -> ClipResult:
             data, ext, info = store_window(data, ext, row, settings)
         else:
             if settings.reencode:
-                data, ext = reencode(data, settings.short_side, settings.keyint, settings.crf)[0], "mp4"
+                data, ext = reencode(data, settings.short_side, settings.keyint, settings.crf,
+                                     bframes=settings.bframes)[0], "mp4"
             info = probe(data, settings.min_frames, full=settings.full_check and not settings.reencode,
                          backend=settings.backend)
     except BadClip as e:

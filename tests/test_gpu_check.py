@@ -51,11 +51,21 @@ def test_gpu_check_table_reads_every_stage_and_states_the_targets():
                           "B:2:none": {"ok": True, "clips_per_s": 2000.0, "mfu": 0.42}},
                "authors": {"ok": True, "clips_per_s": 100.0, "peak_gib": 60.0},
                "umt": {"ok": True, "clips_per_s": 500.0, "mfu": 0.3, "mfu_with_teacher": 0.5, "peak_gib": 20.0},
-               "loader": {"ok": True, "clips_per_s": 800.0, "data_wait": 0.02, "workers": 14}}
+               "loader": {"ok": True, "clips_per_s": 800.0, "data_wait": 0.02, "workers": 14},
+               "nvdec": {"ok": True, "workers": 14, "backends": ["pyav", "nvdec"],
+                         "loader": {"pyav": {"samples_per_s": 900.0, "clips_per_s": 225.0, "cores_used": 13.5},
+                                    "nvdec": {"samples_per_s": 2600.0, "clips_per_s": 650.0, "cores_used": 2.0}},
+                         "engine": {"pyav": {"ok": True, "clips_per_s": 850.0, "data_wait": 0.6},
+                                    "nvdec": {"ok": False, "error": "x"}}}}
     text = table(results)
     assert ("| ViT-g ZeRO-2 bf16, ckpt none | ok | 300.0 | 41.0% (50.0%) | 70.0 / 75.0 (62.5, +12%) | 31.0 | "
             "next batch 0% forward 30% backward 60%; 3 host syncs a step |") in text
     assert "| ViT-g ZeRO-2 bf16, ckpt auto -> selective 4 | ok | 310.0 | 43.0% | 66.0 / n/a (60.0, +10%) |" in text
+    assert ("| decode pyav (CPU, 14 workers) | ok | 850.0 | | | | loader alone: 900.0 samples/s = 225.0 decoded "
+            "clips/s, 13.5 CPU cores; ViT-B fed by it: data wait 60% |") in text
+    assert "| decode nvdec (GPU (NVDEC)) | FAIL | n/a | | | | loader alone: 2600.0 samples/s = 650.0" in text
+    results["nvdec"]["backends"] = ["pyav"]
+    assert "| decode nvdec | not run | | | | | no CUDA device |" in table(results)
     assert "| ViT-g ZeRO-3 bf16, ckpt full | FAIL |" in text and "CUDA out of memory" in text
     assert "MFU with teacher 50.0%" in text and "14 workers, data wait 2%" in text
     assert ("| encoder-only / dual, ViT-B sdpa ckpt off b16 | 1.71x time | | | 1.90x peak | | paper 1.79x; 1.80x "

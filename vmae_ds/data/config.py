@@ -54,7 +54,10 @@ class DataConfig(BaseModel):
                                    "workers; needs index.json)")
     shuffle_block: int = Field(16, ge=1, description="shuffle what a reader reads of each shard within blocks "
                                "of this many clips (memory: block x clip size per worker); 1 = shard order")
-    backend: Literal["decord", "pyav"] = "decord"
+    backend: Literal["decord", "pyav", "nvdec"] = Field(
+        "decord", description="decord | pyav: decoded in the loader workers (pyav skips the non-reference frames "
+        "nobody sampled: fastest on shards built with --reencode); nvdec: the GPU's video decoder (PyNvVideoCodec, "
+        "requirements-gpu.txt), the workers only read and plan, pretraining loader only")
     pin_memory: bool = Field(True, description="pin batches (only when CUDA is available)")
     persistent_workers: bool = Field(True, description="no effect (kept so configs that set it still load): "
                                      "a loader's workers live until close() or a crash/hang restart")

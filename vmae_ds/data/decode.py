@@ -109,55 +109,102 @@ class DecordReader:
         return self._fallback.get(indices)
 
 
+# Codecs whose FFmpeg decoders check `skip_frame` on every packet, so it can be switched between packets:
+# non-reference frames nobody asked for are then not decoded at all (no frame references them, so the
+# frames that are decoded come out bit-identical to a full decode).
+_SKIP_NONREF = {"h264", "hevc"}
+
+
 class PyAVReader:
+    """Frames through PyAV from one opened container.
+
+    The packets are demuxed once (in memory: cheap next to decoding) with their frame numbers and keyframe
+    flags, so `get` can start at the keyframe before each wanted frame that the decoder has not reached yet
+    (seeking past GOPs no wanted frame is in), skip the non-reference frames no one asked for (H.264 and
+    HEVC: `vmae-shards build --reencode` stores non-reference B-frames for this), and stop after the last
+    wanted frame. Only the wanted frames are converted to RGB.
+    """
+
     def __init__(self, data: bytes):
         import av
 
-        self._data = data
         try:
-            with av.open(io.BytesIO(data)) as c:
-                if not c.streams.video:
-                    raise DecodeError("PyAV: no video stream")
-                s = c.streams.video[0]
-                if s.codec_context is None:  # demuxable, but this FFmpeg has no decoder for it
-                    raise UnsupportedCodec(None, decoder_name("pyav"))
-                self.fps = float(s.average_rate or s.guessed_rate or 25)
-                self.num_frames = s.frames or sum(1 for _ in c.demux(s) if _.size)
+            self._c = av.open(io.BytesIO(data))
+            if not self._c.streams.video:
+                raise DecodeError("PyAV: no video stream")
+            s = self._stream = self._c.streams.video[0]
+            if s.codec_context is None:  # demuxable, but this FFmpeg has no decoder for it
+                raise UnsupportedCodec(None, decoder_name("pyav"))
+            s.thread_type, s.thread_count = "SLICE", 1
+            self.fps = float(s.average_rate or s.guessed_rate or 25)
+            self.width, self.height = s.codec_context.width, s.codec_context.height  # of the decoded frames
+            self._tb, self._start = s.time_base, s.start_time or 0
+            self._packets = [p for p in self._c.demux(s) if p.size]
+            self.num_frames = s.frames or len(self._packets)
         except DecodeError:
             raise
         except Exception as e:
             raise DecodeError(f"PyAV cannot open the video: {e}") from None
         if self.num_frames <= 0:
             raise DecodeError("PyAV: no video frames")
+        self._skip = s.codec_context.name in _SKIP_NONREF
+        # frame number of each packet (None without a timestamp) and the packet positions of the keyframes
+        self._frame = [self._index(p.pts) for p in self._packets]
+        self._keys = [i for i, p in enumerate(self._packets) if p.is_keyframe and self._frame[i] is not None]
+        self._used = False
+
+    def _index(self, pts: int | None) -> int | None:
+        return None if pts is None else round(float((pts - self._start) * self._tb) * self.fps)
+
+    def _keyframe_before(self, frame: int) -> int:
+        """Packet position of the last keyframe whose frame number is <= `frame` (0 when there is none)."""
+        best = 0
+        for k in self._keys:
+            if self._frame[k] <= frame:
+                best = k
+        return best
 
     def get(self, indices: list[int]) -> np.ndarray:
         import av
 
         wanted = sorted(set(indices))
-        got: dict[int, np.ndarray] = {}
+        need, got, sent = set(wanted), {}, set()
+        cc = self._stream.codec_context
         try:
-            with av.open(io.BytesIO(self._data)) as c:
-                s = c.streams.video[0]
-                s.thread_type, s.thread_count = "SLICE", 1
-                # Frame index from the presentation time; seek to the keyframe before the first needed one.
-                tb, start = s.time_base, s.start_time or 0
-                first = wanted[0]
-                if first > 0:
-                    c.seek(int(start + first / self.fps / tb), stream=s, backward=True, any_frame=False)
-                for frame in c.decode(s):
-                    idx = round(float((frame.pts - start) * tb) * self.fps) if frame.pts is not None else None
-                    if idx is None:
-                        continue
-                    if idx in wanted and idx not in got:
-                        got[idx] = frame.to_ndarray(format="rgb24")
-                    if idx >= wanted[-1]:
-                        break
+            if self._used:
+                cc.flush_buffers()
+            self._used = True
+            timed = None not in self._frame
+            i = self._keyframe_before(wanted[0]) if timed else 0
+            while i < len(self._packets) and len(got) < len(need):
+                nxt = next((f for f in wanted if f not in sent), None)
+                if timed and nxt is not None:
+                    key = self._keyframe_before(nxt)
+                    if key > i:  # no wanted frame before that keyframe is still to be sent: jump there
+                        i = key
+                frame_no = self._frame[i]
+                if self._skip:
+                    cc.skip_frame = "DEFAULT" if frame_no in need else "NONREF"
+                if frame_no in need:
+                    sent.add(frame_no)
+                for frame in cc.decode(self._packets[i]):
+                    self._keep(frame, need, got)
+                i += 1
+            if len(got) < len(need):
+                cc.skip_frame = "DEFAULT"
+                for frame in cc.decode(None):  # the frames the decoder still holds (B-frame reordering)
+                    self._keep(frame, need, got)
         except av.FFmpegError as e:
             raise DecodeError(f"PyAV failed decoding: {e}") from None
         missing = [i for i in wanted if i not in got]
         if missing:
             raise DecodeError(f"PyAV: frames {missing[:4]} not found (stream has {self.num_frames})")
         return np.stack([got[i] for i in indices])
+
+    def _keep(self, frame, need: set[int], got: dict[int, np.ndarray]) -> None:
+        idx = self._index(frame.pts)
+        if idx in need and idx not in got:
+            got[idx] = frame.to_ndarray(format="rgb24")
 
 
 BACKENDS = {"decord": DecordReader, "pyav": PyAVReader}

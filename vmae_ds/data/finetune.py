@@ -11,6 +11,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from vmae_ds.data.config import DataConfig
 from vmae_ds.data.decode import DecodeError, open_video
 from vmae_ds.data.loader import PretrainLoader, WorkerSupervisor
+from vmae_ds.data.nvdec import NvdecUnavailable
 from vmae_ds.data.remote import Remote, ShardOpener
 from vmae_ds.data.shards import EpochLayout, config_shards, shard_name
 from vmae_ds.data.stream import InFlight, Transform, initial_position, log, parse_sample, read_indexed
@@ -120,6 +121,9 @@ class EvalLoader:
     def __init__(self, cfg: DataConfig, *, batch_size: int, rank: int, world_size: int,
                  num_clips: int = 5, num_crops: int = 3, quarantine: Iterable[str] = (),
                  fault_keys: dict[str, str] | None = None):
+        if cfg.backend == "nvdec":
+            raise NvdecUnavailable("data.backend nvdec is for the training loaders; EvalLoader decodes its "
+                                   "test-time views in the workers: use backend pyav or decord")
         shard_set = config_shards(cfg)
         self.urls, counts = shard_set.urls, shard_set.counts
         self.opener = ShardOpener(Remote.of(cfg), shard_set.sizes)

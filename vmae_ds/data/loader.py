@@ -30,6 +30,7 @@ import psutil
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from vmae_ds.data import nvdec
 from vmae_ds.data.config import DataConfig
 from vmae_ds.data.remote import Remote, ShardOpener
 from vmae_ds.data.shards import (
@@ -332,6 +333,7 @@ class PretrainLoader:
         self.cfg, self.batch_size, self.rank, self.world_size, self.seed = cfg, batch_size, rank, world_size, seed
         self.mask_fn, self.labels, self.fault_keys = mask_fn, labels, dict(fault_keys or {})
         self.transform = transform or MultiScaleCrops(cfg)
+        self._nvdec = _nvdec_decoder(cfg, transform)
         shard_set = config_shards(cfg)
         self.urls, self.counts = shard_set.urls, shard_set.counts
         self.opener = ShardOpener(Remote.of(cfg), shard_set.sizes)
@@ -420,7 +422,8 @@ class PretrainLoader:
                             st["corrupt_samples"], st["missing_samples"], sorted(st["bad_shards"]) or "none",
                             pos["recent"][-1] if pos["recent"] else "")
             self._k += 1
-            out = {"video": raw["video"], "keys": raw["keys"]}
+            video = raw["video"] if self._nvdec is None else self._nvdec.batch(raw["video"])  # decoded by .to()
+            out = {"video": video, "keys": raw["keys"]}
             if self.labels:
                 out["label"] = raw["label"]
             if self.mask_fn is not None:
@@ -592,7 +595,8 @@ class PretrainLoader:
                 "crashed": list(self._sup.crashed), "hung": list(self._sup.hung), "restarts": self._sup.restarts,
                 "quarantine": sorted(self._sup.quarantine), "bytes_read": tot["bytes_read"],
                 "cached_bytes": tot["cached_bytes"], "read_s": tot["read_ms"] / 1000, "read_retries": tot["retries"],
-                "unreachable_shards": tot["unreachable"]}
+                "unreachable_shards": tot["unreachable"]} | \
+            ({"nvdec": self._nvdec.stats.as_dict()} if self._nvdec is not None else {})
 
     def worker_pids(self) -> list[int]:
         """Process ids of the live loader workers (empty before the first batch and after close())."""
@@ -611,6 +615,19 @@ class PretrainLoader:
     def close(self) -> None:
         """Stop the worker processes (they are restarted by the next iteration)."""
         self._sup.close()
+
+
+def _nvdec_decoder(cfg: DataConfig, transform: Transform | None) -> nvdec.NvdecDecoder | None:
+    """backend nvdec: the main process's GPU decoder, or a one-line refusal (no CUDA, no PyNvVideoCodec, or a
+    custom per-clip transform, which needs decoded frames in the workers)."""
+    if cfg.backend != "nvdec":
+        return None
+    if transform is not None and not isinstance(transform, MultiScaleCrops):
+        raise nvdec.NvdecUnavailable("data.backend nvdec makes the default multi-scale crops on the GPU; a custom "
+                                     "per-clip transform (fine-tuning) runs on decoded frames in the workers: use "
+                                     "backend pyav or decord")
+    nvdec.check_available()
+    return nvdec.NvdecDecoder(cfg)
 
 
 def _add_counts(into: dict, part: dict) -> None:

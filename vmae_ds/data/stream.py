@@ -29,6 +29,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from vmae_ds.data.config import DataConfig
 from vmae_ds.data.decode import DecodeError, open_video
+from vmae_ds.data.nvdec import plan_clip
 from vmae_ds.data.remote import READ_COUNTERS, Remote, ShardOpener, ShardUnreachable
 from vmae_ds.data.shards import (
     EpochLayout,
@@ -50,7 +51,7 @@ from vmae_ds.data.transforms import (
 )
 
 __all__ = ["ClipStream", "CorruptSample", "InFlight", "MultiScaleCrops", "ShardReader", "TransformError",
-           "decode_clip", "derive_seed", "initial_position", "parse_sample", "prepare_worker"]
+           "clip_frame_indices", "decode_clip", "derive_seed", "initial_position", "parse_sample", "prepare_worker"]
 
 log = logging.getLogger("vmae_ds.data")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "m4v", "flv", "mpg", "mpeg", "3gp", "ts")
@@ -241,17 +242,21 @@ def sample_key(sample: dict) -> str:
     return f"{sample['__shard__']}/{sample.get('__key__', '?')}"
 
 
-def decode_clip(data: bytes, meta: dict, cfg: DataConfig, gen: torch.Generator) -> torch.Tensor:
-    """Decode only the sampled frames -> uint8 (T, 3, H, W)."""
-    reader = open_video(data, cfg.backend)
+def clip_frame_indices(num_frames: int, meta: dict, cfg: DataConfig, gen: torch.Generator) -> list[int]:
+    """The frames a training clip samples from a video of `num_frames` (within the json's frame window)."""
     start = int(meta.get("frame_start", 0))
-    end = min(int(meta.get("frame_end", reader.num_frames)), reader.num_frames)
+    end = min(int(meta.get("frame_end", num_frames)), num_frames)
     if end <= start:
         raise DecodeError(f"empty frame window [{start}, {end})")
     if cfg.sampling == "segments":
-        idx = segment_indices(start, end, cfg.num_frames, gen)
-    else:
-        idx = train_indices(start, end, cfg.num_frames, cfg.stride_for(str(meta.get("source", ""))), gen)
+        return segment_indices(start, end, cfg.num_frames, gen)
+    return train_indices(start, end, cfg.num_frames, cfg.stride_for(str(meta.get("source", ""))), gen)
+
+
+def decode_clip(data: bytes, meta: dict, cfg: DataConfig, gen: torch.Generator) -> torch.Tensor:
+    """Decode only the sampled frames -> uint8 (T, 3, H, W)."""
+    reader = open_video(data, cfg.backend)
+    idx = clip_frame_indices(reader.num_frames, meta, cfg, gen)
     uniq = sorted(set(idx))
     frames = to_tchw(reader.get(uniq))
     if len(uniq) != len(idx):  # clamped clips repeat their last frame
@@ -362,7 +367,7 @@ class ClipStream(IterableDataset):
             clips: list[torch.Tensor] = []
             labels: list[int] = []
             keys: list[str] = []
-            while len(clips) < self.vpb * self.cfg.num_sample:
+            while len(keys) < self.vpb * self.cfg.num_sample:
                 sample = reader.next_sample(pos)
                 key = sample_key(sample)
                 if key in self.quarantine:  # crashed or hung a decoder before: never decoded again
@@ -386,17 +391,20 @@ class ClipStream(IterableDataset):
                 pos["decoded"] += 1
                 clips += crops
                 label = meta.get("label")
-                labels += [int(label) if isinstance(label, int) else -1] * len(crops)
-                keys += [key] * len(crops)
+                labels += [int(label) if isinstance(label, int) else -1] * self.cfg.num_sample
+                keys += [key] * self.cfg.num_sample
             pos["batch"] = j + 1
             if isinstance(self.layout, EpochLayout):
                 settle(self.layout, w, pos)  # so the position says when this reader's epoch is done
-            yield {"video": stack_channels_first(clips), "label": torch.tensor(labels, dtype=torch.long),
+            video = clips if self.cfg.backend == "nvdec" else stack_channels_first(clips)  # nvdec: ClipPlans
+            yield {"video": video, "label": torch.tensor(labels, dtype=torch.long),
                    "keys": keys, "__pos__": json.loads(json.dumps(pos))}
 
     def _clip(self, sample: dict, gen: torch.Generator) -> tuple[dict, list[torch.Tensor]]:
         """Parse, decode, transform one sample; TransformError when the transform breaks its contract."""
         data, meta = parse_sample(sample)
+        if self.cfg.backend == "nvdec":  # decoded on the GPU in the main process: only the draws are made here
+            return meta, [plan_clip(data, meta, self.cfg, gen, sample_key(sample))]
         crops = self.transform(decode_clip(data, meta, self.cfg, gen), gen, meta)
         t, s = self.cfg.num_frames, self.cfg.input_size
         if len(crops) != self.cfg.num_sample or any(c.shape != (t, s, s, 3) or c.dtype != torch.uint8

@@ -300,4 +300,11 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
             config_shards(cfg.shards_config())
         except ShardSpecError as e:  # its message starts with "shards: " and names the path
             raise ConfigError(f"data.shards.{e}") from None
+        if cfg.shards_config().backend == "nvdec":  # no CUDA or no PyNvVideoCodec: one line, before any start-up
+            from ..data.nvdec import NvdecUnavailable, check_available
+
+            try:
+                check_available()
+            except NvdecUnavailable as e:
+                raise ConfigError(str(e).replace("data.backend", "data.shards.backend")) from None
     return cfg
