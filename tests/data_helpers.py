@@ -180,3 +180,8 @@ def sized_shards(tmp_path_factory) -> Path:
     (out / "labels.json").write_text(json.dumps({"classes": ["a", "b", "c"]}))
     (out / "index.json").write_text(json.dumps(index))
     return out
+
+
+def reader_positions(state: dict) -> list[dict]:
+    """A loader state's reader positions without the read time each one carries (a measurement, not a place)."""
+    return [{k: v for k, v in p.items() if k != "read_ms"} for p in state["positions"]]

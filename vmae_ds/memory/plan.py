@@ -1,10 +1,12 @@
 """Peak memory per device, estimated before anything is built, and the activation checkpointing that fits it.
 
-peak = max(backward, optimizer step), where
-  backward = ZeRO states (states.py) + micro-batch x (saved activations of the checkpointing choice + the largest
-             block held again while it is recomputed or differentiated + 3 batches: the one computing, the one
-             prefetched, and the loss's working copy of it, e.g. MAE's pixel target, as large as the input)
-  step     = ZeRO states with the update's fp32 gradients (and a foreach AdamW's temporaries) + 2 batches
+peak = max(end of forward, backward, optimizer step), where
+  end of forward = ZeRO states without gradients + micro-batch x (saved activations of the checkpointing choice
+                   + 3 batches: the one computing, the one prefetched, and the loss's working copy of it, e.g.
+                   MAE's pixel target, as large as the input)
+  backward       = ZeRO states (states.py) + micro-batch x (saved activations + the largest block held again
+                   while it is recomputed or differentiated + 2 batches)
+  step           = ZeRO states with the update's fp32 gradients (and a foreach AdamW's temporaries) + 2 batches
 A real 2-rank engine step on the CPU, measured with torch's memory profiler, lands within 15 % of this
 (tests/test_memory_plan.py); on the GPU, gpu-check prints the estimate next to every measured peak.
 
@@ -59,7 +61,7 @@ class MemoryPlan:
         return int(self.capacity / (1 + self.margin))
 
     def lines(self) -> list[str]:
-        gib = lambda b: f"{b / GIB:.1f} GiB"  # noqa: E731
+        gib = lambda b: f"{b / GIB:.1f} GiB" if b >= GIB else f"{b / GIB:.3f} GiB"  # noqa: E731
         shown = ", ".join(f"{k} {gib(v)}" for k, v in self.peaks.items())
         saved = self.profile.saved(self.choice.ckpt)
         why = "chosen by activation_checkpointing.mode auto" if self.requested == "auto" else "as configured"
@@ -78,22 +80,21 @@ class MemoryPlan:
                 "max_micro_batch": self.max_micro_batch, "states": dataclasses.asdict(self.states)}
 
 
-def _per_sample(profile: ActivationProfile, ckpt: dict[str, int]) -> tuple[int, int]:
-    """Bytes a sample adds (during backward, during the step)."""
-    batches = 2 * profile.batch_bytes
-    working = max(profile.largest_block(ckpt), profile.largest_block()) + profile.batch_bytes
-    return profile.saved(ckpt) + working + batches, batches
+def _moments(states: StateBytes, profile: ActivationProfile, ckpt: dict[str, int]) -> list[tuple[int, int]]:
+    """(fixed bytes, bytes per sample) at the end of forward, during backward and during the optimizer step."""
+    saved, batch = profile.saved(ckpt), profile.batch_bytes
+    block = max(profile.largest_block(ckpt), profile.largest_block())
+    return [(states.backward - states.grads, saved + 3 * batch), (states.backward, saved + block + 2 * batch),
+            (states.step, 2 * batch)]
 
 
 def peak_bytes(states: StateBytes, profile: ActivationProfile, ckpt: dict[str, int], micro_batch: int) -> int:
-    backward, step = _per_sample(profile, ckpt)
-    return max(states.backward + micro_batch * backward, states.step + micro_batch * step)
+    return max(fixed + micro_batch * per for fixed, per in _moments(states, profile, ckpt))
 
 
 def max_micro_batch(states: StateBytes, profile: ActivationProfile, ckpt: dict[str, int], budget: int) -> int:
-    """The largest micro-batch (samples) whose peak stays within `budget` (the peak is linear in it)."""
-    backward, step = _per_sample(profile, ckpt)
-    return max(0, min((budget - states.backward) // backward, (budget - states.step) // max(step, 1)))
+    """The largest micro-batch (samples) whose peak stays within `budget` (each moment is linear in it)."""
+    return max(0, min((budget - fixed) // max(per, 1) for fixed, per in _moments(states, profile, ckpt)))
 
 
 def choices(model: Any, requested: str, num_blocks: int) -> list[Choice]:
