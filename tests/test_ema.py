@@ -93,7 +93,7 @@ def consolidated(run_dir, step: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.distributed
-def test_zero3_ema_is_the_hand_average_is_evaluated_exported_and_resumes_exactly(tmp_path, shards):
+def test_zero3_ema_is_the_hand_average_is_evaluated_exported_and_resumes_exactly(tmp_path, shards, capsys):
     from vmae_ds.evaluate import main as vmae_eval
     from vmae_ds.export import main as vmae_export
     from vmae_ds.models.pos_embed import interpolated_table
@@ -135,10 +135,18 @@ def test_zero3_ema_is_the_hand_average_is_evaluated_exported_and_resumes_exactly
     exported = load_file(str(out))
     assert torch.equal(exported["pos_embed"], interpolated_table((2, 4, 4), (4, 4, 4), 48))
     assert all(torch.equal(exported[k], got[k]) for k in got)
+    assert vmae_export([str(run_a), str(tmp_path / "hf"), "--format", "hf"]) == 2  # transformers cannot hold the table
+    assert "position table is interpolated" in capsys.readouterr().err
     assert vmae_eval([str(run_a), "--ema", "--workers", "1", "--out", str(tmp_path / "eval_ema")]) == 0
     again = json.loads((tmp_path / "eval_ema" / "eval.json").read_text())
     assert again["extra"]["clips"] == reports["ema"]["extra"]["clips"]
     assert again["top1"] == reports["ema"]["top1"] and again["confusion"] == reports["ema"]["confusion"]
+    # the exported file alone: its metadata carries the run's clips and views, its pos_embed the table
+    assert vmae_eval([str(out), "--model", "vit_tiny_debug", "--frames", "8", "--shards", str(shards),
+                      "--workers", "1", "--out", str(tmp_path / "eval_file")]) == 0
+    alone = json.loads((tmp_path / "eval_file" / "eval.json").read_text())
+    assert alone["extra"]["clips"] == again["extra"]["clips"] and alone["extra"]["views"] == "2 clips x 1 crops"
+    assert alone["confusion"] == again["confusion"]
 
     # killed with SIGKILL after step 3's checkpoint, resumed: the same losses and the same EMA, bit for bit
     cfg_b = write_config(tmp_path / "b.yaml", name="b", debug={"step_sleep_s": 0.5}, **common)

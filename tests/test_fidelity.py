@@ -287,16 +287,17 @@ def test_classifier_interpolates_the_initial_weights_table(tmp_path):
     init = tmp_path / "init.safetensors"
     save_file(create_classifier("vit_tiny_debug", 4).state_dict(), str(init))
     base = {"objective": "classify", "model": {"name": "vit_tiny_debug", "num_frames": 8}}
-    for mode in ("interpolate", "fresh"):
+    for mode, fresh_head in (("interpolate", True), ("interpolate", False), ("fresh", False)):
         cfg = RunConfig.model_validate({**base, "finetune": {"num_classes": 4, "init": str(init), "pos_embed": mode,
-                                                             "init_fresh_head": True}})
+                                                             "init_fresh_head": fresh_head}})
         obj = ClassifyObjective(cfg)
         model = obj.build_model()
         lines = obj.initial_weights(model)  # a fresh head rebuilds the table: it must come back
         want = authors_adapted_table((2, 4, 4), (4, 4, 4), 48) if mode == "interpolate" else sinusoid_table(64, 48)
         assert torch.allclose(model.pos_embed, want, atol=1e-6), mode
         assert (obj.state_dict().get("pos_embed") is not None) == (mode == "interpolate")
-        assert any("interpolated" in line for line in lines) == (mode == "interpolate")
+        assert any("interpolated from the initial weights' grid (2, 4, 4)" in line for line in lines) == \
+            (mode == "interpolate"), lines
 
 
 # ------------------------------------------------------------------ evaluation keeps the training clips

@@ -23,7 +23,8 @@ examples:
   # UMT-style sparse clips of an exported model: 8 frames, one per segment, 4 x 3 views
   vmae-eval weights/umt_b16_k400.safetensors --model B --frames 8 --tubelet 1 --sampling segments \
       --segment-style sparse --clips 4 --crops 3 --shards shards/k400_val
-  # exported or official weights: say the model (classes come from the checkpoint's head):
+  # exported or official weights: say the model (classes come from the checkpoint's head; our exports also
+  # carry their run's clip sampling and views):
   vmae-eval weights/vitb_k400.safetensors --model B --shards shards/k400_val --clips 5 --crops 3
   # several GPUs: each scores a share of the videos
   deepspeed --num_gpus 8 --module vmae_ds.evaluate runs/vitb_k400 --shards shards/k400_val
@@ -128,8 +129,15 @@ def build_model(args: argparse.Namespace):
         model = create_classifier(args.model, num_classes, attention=args.attention, **sizes)
         load_pretrained(model, path, strict=True)
         fit_position_table(model, path, args.model, args.pos_embed)
-        settings = {"shards": args.shards, "clips": args.clips or 5, "crops": args.crops or 3,
-                    "batch": args.batch or 4, "data": {}, "out": args.out or str(Path("eval") / path.stem)}
+        from .models.init_weights import exported_config
+
+        run = exported_config(path) or {}  # our exports carry their run's config: its clips, its views
+        data = run.get("data") or {}
+        views = (run.get("finetune") or {}).get("eval") or {}
+        settings = {"shards": args.shards, "clips": args.clips or views.get("num_clips", 5),
+                    "crops": args.crops or views.get("num_crops", 3), "batch": args.batch or 4,
+                    "data": dict(data.get("shards") or {}) if data.get("kind") == "shards" else {},
+                    "out": args.out or str(Path("eval") / path.stem)}
     if settings["shards"] is None:
         raise EvalSetupError("no shards to evaluate on: give --shards (or finetune.eval.shards in the run config)")
     for key, value in (("sampling_rate", args.sampling_rate), ("sampling", args.sampling),

@@ -85,6 +85,11 @@ def export(run_or_ckpt: str | Path, out: str | Path, fmt: str = "safetensors", w
         raise ExportError(f"{out} is a file: --format hf writes a folder (config.json + model.safetensors)")
     folder = find_checkpoint(run_or_ckpt)
     cfg = _config_of(folder)
+    if fmt == "hf" and position_table_of(folder) is not None:
+        raise ExportError(f"{folder}: the run's position table is interpolated from its initial weights' grid "
+                          f"(finetune.pos_embed=interpolate); transformers' VideoMAE always builds a fresh one, so "
+                          f"its outputs would differ: export the safetensors file, or fine-tune with "
+                          f"finetune.pos_embed=fresh")
     try:
         (out if fmt == "hf" else out.parent).mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -96,11 +101,6 @@ def export(run_or_ckpt: str | Path, out: str | Path, fmt: str = "safetensors", w
     n = sum(v.numel() for k, v in sd.items() if k != "pos_embed")
     what = f"{len(sd)} tensors, {n / 1e6:.2f} M parameters, fp32" + (", its EMA" if weights == "ema" else "")
     if fmt == "hf":
-        if "pos_embed" in sd:
-            raise ExportError(f"{folder}: the run's position table is interpolated from its initial weights' grid "
-                              f"(finetune.pos_embed=interpolate); transformers' VideoMAE always builds a fresh one, "
-                              f"so its outputs would differ: export the safetensors file, or fine-tune with "
-                              f"finetune.pos_embed=fresh")
         written = _save_hf(sd, cfg, out)
         print(f"exported {folder} -> {written} (transformers VideoMAE folder): {what}")
         return written

@@ -79,11 +79,12 @@ class ClassifyObjective(Objective):
         from ..models.pos_embed import sinusoid_table
 
         lines = load_classifier_init(model, self.ft.init, self.ft.init_head_map, self.ft.init_fresh_head)
-        fresh = sinusoid_table(model.pos_embed.shape[1], model.pos_embed.shape[2])
-        if not torch.equal(model.pos_embed.cpu(), fresh):  # the file's own table (one of our exports)
-            self.pos_table = model.pos_embed.detach().cpu().clone()
+        table = model.pos_embed.detach().cpu()
+        ours = self.pos_table is not None and torch.equal(table, self.pos_table)
+        if not ours and not torch.equal(table, sinusoid_table(table.shape[1], table.shape[2])):
+            self.pos_table = table.clone()  # the file's own table (one of our exports of such a run)
             lines.append("position table: the initial weights' own")
-        elif self.pos_table is not None:  # interpolated in build_model; a head reset rebuilt the fresh one
+        elif self.pos_table is not None:  # interpolated in build_model (a head reset rebuilds the fresh one)
             model.pos_embed.copy_(self.pos_table)
             lines.append(f"position table: {tuple(model.grid)} tokens, interpolated from the initial weights' grid "
                          f"{tuple(trained_grid(self.ft.init, self.cfg.model.name))} (finetune.pos_embed=interpolate)")
