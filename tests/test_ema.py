@@ -101,7 +101,7 @@ def test_zero3_ema_is_the_hand_average_is_evaluated_exported_and_resumes_exactly
     init = init_file(tmp_path)
     sections = objective_sections(tmp_path, "classify")
     ft = {**sections["finetune"], "init": init, "ema": {"enabled": True, "decay": DECAY},
-          "eval": {"shards": str(shards), "num_clips": 2, "num_crops": 1, "batch_size": 2, "num_workers": 1}}
+          "eval": {"shards": str(shards), "num_clips": 2, "num_crops": 1, "batch_size": 2, "num_workers": 0}}
     data = {"kind": "shards", "num_sample": 2,
             "shards": {"shards": str(shards), "sampling": "segments", "segment_style": "tsn", "num_workers": 1}}
     common = dict(output_dir=str(tmp_path / "runs"), objective="classify", masks=None, finetune=ft, data=data,
@@ -127,7 +127,8 @@ def test_zero3_ema_is_the_hand_average_is_evaluated_exported_and_resumes_exactly
                                                                                ("ema", "eval_ema"))}
     for r in reports.values():
         assert r["extra"]["clips"].startswith("8 frames, segments (tsn)") and r["count"] == 16
-    assert "EMA (decay 0.7): eval: top-1" in log and "position table: (4, 4, 4) tokens, interpolated" in log
+    assert "\neval: top-1" in log and "\nEMA (decay 0.7) eval: top-1" in log
+    assert "position table: (4, 4, 4) tokens, interpolated" in log
 
     # vmae-export --weights ema: the average and the table; vmae-eval --ema of the run: the same scores
     out = tmp_path / "ema.safetensors"
@@ -137,13 +138,13 @@ def test_zero3_ema_is_the_hand_average_is_evaluated_exported_and_resumes_exactly
     assert all(torch.equal(exported[k], got[k]) for k in got)
     assert vmae_export([str(run_a), str(tmp_path / "hf"), "--format", "hf"]) == 2  # transformers cannot hold the table
     assert "position table is interpolated" in capsys.readouterr().err
-    assert vmae_eval([str(run_a), "--ema", "--workers", "1", "--out", str(tmp_path / "eval_ema")]) == 0
+    assert vmae_eval([str(run_a), "--ema", "--workers", "0", "--out", str(tmp_path / "eval_ema")]) == 0
     again = json.loads((tmp_path / "eval_ema" / "eval.json").read_text())
     assert again["extra"]["clips"] == reports["ema"]["extra"]["clips"]
     assert again["top1"] == reports["ema"]["top1"] and again["confusion"] == reports["ema"]["confusion"]
     # the exported file alone: its metadata carries the run's clips and views, its pos_embed the table
     assert vmae_eval([str(out), "--model", "vit_tiny_debug", "--frames", "8", "--shards", str(shards),
-                      "--workers", "1", "--out", str(tmp_path / "eval_file")]) == 0
+                      "--workers", "0", "--out", str(tmp_path / "eval_file")]) == 0
     alone = json.loads((tmp_path / "eval_file" / "eval.json").read_text())
     assert alone["extra"]["clips"] == again["extra"]["clips"] and alone["extra"]["views"] == "2 clips x 1 crops"
     assert alone["confusion"] == again["confusion"]

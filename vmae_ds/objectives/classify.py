@@ -226,7 +226,7 @@ class ClassifyObjective(Objective):
                  "clips": describe_clips(loader.cfg), "shards": ev.shards}
         _, line = report(result, preds, out, f"{self.cfg.name}: held-out evaluation, {label}", extra,
                          class_names_of(ev.shards))
-        return f"{label}: {line}"
+        return line if which == "model" else f"{label} {line}"  # the model's line as ever ("eval: top-1 ...")
 
     def ema_model(self, engine: Any) -> nn.Module:
         """A plain classifier holding the EMA weights, in the run's dtype, outside ZeRO (collective)."""
