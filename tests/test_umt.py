@@ -78,15 +78,19 @@ def test_zero3_bf16_first_step_matches_plain_model(tmp_path):
     assert r["applied"]
 
 
-def test_sparse_segment_sampling_takes_one_frame_per_segment():
-    from vmae_ds.data.transforms import eval_segment_indices, segment_indices
+@pytest.mark.parametrize("style", ["tsn", "sparse", "even"])
+def test_sparse_segment_sampling_takes_one_frame_per_segment(style):
+    from vmae_ds.data.sampling import eval_segment_indices, segment_indices
 
     g = torch.Generator().manual_seed(0)
     for _ in range(50):
-        idx = segment_indices(10, 90, 8, g)  # 80 frames: segments of 10
-        assert [i // 10 for i in idx] == list(range(1, 9)) and idx == sorted(idx)
-    assert segment_indices(0, 80, 8, None) == [4, 14, 24, 34, 44, 54, 64, 74]  # test time: the middles
-    short = segment_indices(0, 3, 8, g)  # a clip shorter than the frames: repeats, never past the end
+        # segments of 10 frames (sparse: (81 - 1) / 8, its segments include their end frame)
+        idx = segment_indices(10, 91 if style == "sparse" else 90, 8, g, style)
+        hi = 11 if style == "sparse" else 10
+        assert all(10 + 10 * k <= i < 10 + 10 * k + hi for k, i in enumerate(idx)) and idx == sorted(idx), idx
+    if style == "even":
+        assert segment_indices(0, 80, 8, None, style) == [4, 14, 24, 34, 44, 54, 64, 74]  # the middles
+    short = segment_indices(0, 3, 8, g, style)  # a clip shorter than the frames: repeats, never past the end
     assert len(short) == 8 and max(short) <= 2 and short == sorted(short)
-    views = eval_segment_indices(0, 80, 8, 2)
+    views = eval_segment_indices(0, 80, 8, 2, style)
     assert len(views) == 2 and views[0] != views[1] and all(len(v) == 8 for v in views)

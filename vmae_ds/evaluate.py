@@ -16,9 +16,15 @@ from .engine.launch import inference_setup
 
 EPILOG = """\
 examples:
-  # a fine-tuning run (model, classes and views from its config; weights from its newest checkpoint):
+  # a fine-tuning run (model, classes, views and clip sampling from its config; its newest checkpoint):
   vmae-eval runs/vitb_k400 --shards shards/k400_val
-  # exported or official weights: say the model (classes come from the checkpoint's head):
+  # the moving average of its weights (runs with finetune.ema.enabled):
+  vmae-eval runs/vitb_k400 --ema
+  # UMT-style sparse clips of an exported model: 8 frames, one per segment, 4 x 3 views
+  vmae-eval weights/umt_b16_k400.safetensors --model B --frames 8 --tubelet 1 --sampling segments \
+      --segment-style sparse --clips 4 --crops 3 --shards shards/k400_val
+  # exported or official weights: say the model (classes come from the checkpoint's head; our exports also
+  # carry their run's clip sampling and views):
   vmae-eval weights/vitb_k400.safetensors --model B --shards shards/k400_val --clips 5 --crops 3
   # several GPUs: each scores a share of the videos
   deepspeed --num_gpus 8 --module vmae_ds.evaluate runs/vitb_k400 --shards shards/k400_val
@@ -49,6 +55,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--img-size", type=int, help="crop size (default: the model's)")
     p.add_argument("--tubelet", type=int, help="tubelet size (default: the model's)")
     p.add_argument("--sampling-rate", type=int, help="frame stride (default: the run's, else 4)")
+    p.add_argument("--sampling", choices=("stride", "segments"),
+                   help="clips of frames a stride apart, or one frame from each of num_frames segments (TSN / UMT) "
+                        "(default: the run's, else stride)")
+    p.add_argument("--segment-style", choices=("tsn", "sparse", "even"),
+                   help="with segments: where the views sit in each segment (default: the run's, else tsn)")
+    p.add_argument("--pos-embed", choices=("interpolate", "fresh"), default="interpolate",
+                   help="a weights file without a position table at another --frames / --img-size than it was "
+                        "trained at: interpolate its table (default, as fine-tuning does) or build a fresh one")
+    p.add_argument("--ema", action="store_true",
+                   help="a run folder: evaluate the moving average of its weights (finetune.ema) instead")
     p.add_argument("--attention", default="auto", choices=("auto", "flash_attn", "sdpa", "math"))
     p.add_argument("--dtype", default=None, choices=("bf16", "fp32"), help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--out", help="report folder (default: <run>/eval, or eval/<weights name>)")
@@ -76,9 +92,10 @@ def build_model(args: argparse.Namespace):
     if cfg is not None:
         if cfg.finetune is None:
             raise EvalSetupError(f"{path}: a {cfg.objective} run; vmae-eval scores classifiers (classify/distill)")
-        from .export import consolidate, find_checkpoint
+        from .export import find_checkpoint, trained_weights
 
-        state = consolidate(find_checkpoint(path))
+        state = trained_weights(find_checkpoint(path), "ema" if args.ema else "model")
+        table = state.pop("pos_embed", None)
         model_name = args.model or cfg.model.name
         num_classes = args.num_classes or cfg.finetune.num_classes
         over = {k: v for k, v in cfg.model.overrides().items()
@@ -88,12 +105,20 @@ def build_model(args: argparse.Namespace):
         if missing or unexpected:
             raise EvalSetupError(f"{path}: checkpoint does not fit {model_name}: missing {missing[:5]}, "
                                  f"unexpected {unexpected[:5]}")
+        if table is not None:  # the run's interpolated position table (finetune.pos_embed)
+            if table.shape != model.pos_embed.shape:
+                raise EvalSetupError(f"{path}: its position table {tuple(table.shape)} does not fit the model's "
+                                     f"{tuple(model.pos_embed.shape)} (--frames / --img-size differ from the run)")
+            model.pos_embed.copy_(table)
         ev = cfg.finetune.eval
+        run = path.parent.parent if path.name.startswith("step_") else path
         settings = {"shards": args.shards or ev.shards, "clips": args.clips or ev.num_clips,
                     "crops": args.crops or ev.num_crops, "batch": args.batch or ev.batch_size,
                     "data": cfg.shards_config().model_dump() if cfg.data.kind == "shards" else {},
-                    "out": args.out or str((path.parent.parent if path.name.startswith("step_") else path) / "eval")}
+                    "out": args.out or str(run / ("eval_ema" if args.ema else "eval"))}
     else:
+        if args.ema:
+            raise EvalSetupError(f"{path}: --ema reads a fine-tuning run folder (its checkpoints hold the average)")
         if not args.model:
             raise EvalSetupError(f"{path}: a weights file: give --model (S, B, L, H, g, or a registry name)")
         canon, _ = read_canonical(path)
@@ -103,13 +128,38 @@ def build_model(args: argparse.Namespace):
             raise EvalSetupError(f"{path}: the checkpoint has no classification head: not a fine-tuned model")
         model = create_classifier(args.model, num_classes, attention=args.attention, **sizes)
         load_pretrained(model, path, strict=True)
-        settings = {"shards": args.shards, "clips": args.clips or 5, "crops": args.crops or 3,
-                    "batch": args.batch or 4, "data": {}, "out": args.out or str(Path("eval") / path.stem)}
+        fit_position_table(model, path, args.model, args.pos_embed)
+        from .models.init_weights import exported_config
+
+        run = exported_config(path) or {}  # our exports carry their run's config: its clips, its views
+        data = run.get("data") or {}
+        views = (run.get("finetune") or {}).get("eval") or {}
+        settings = {"shards": args.shards, "clips": args.clips or views.get("num_clips", 5),
+                    "crops": args.crops or views.get("num_crops", 3), "batch": args.batch or 4,
+                    "data": dict(data.get("shards") or {}) if data.get("kind") == "shards" else {},
+                    "out": args.out or str(Path("eval") / path.stem)}
     if settings["shards"] is None:
         raise EvalSetupError("no shards to evaluate on: give --shards (or finetune.eval.shards in the run config)")
-    if args.sampling_rate:
-        settings["data"]["sampling_rate"] = args.sampling_rate
+    for key, value in (("sampling_rate", args.sampling_rate), ("sampling", args.sampling),
+                       ("segment_style", args.segment_style)):
+        if value:
+            settings["data"][key] = value
     return model.eval().requires_grad_(False), num_classes, settings, torch
+
+
+def fit_position_table(model, path: Path, model_name: str, mode: str) -> None:
+    """A checkpoint without its own table, evaluated at another grid than it was trained at: interpolate the
+    trained grid's table (as finetune.pos_embed=interpolate does), unless mode is fresh."""
+    import torch
+
+    from .models.init_weights import trained_grid
+    from .models.pos_embed import interpolated_table, sinusoid_table
+
+    if mode != "interpolate" or not torch.equal(model.pos_embed, sinusoid_table(*model.pos_embed.shape[1:])):
+        return
+    source = trained_grid(str(path), model_name)
+    if tuple(source) != tuple(model.grid):
+        model.pos_embed.copy_(interpolated_table(source, model.grid, model.dim))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +179,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from .data import EvalLoader
     from .eval.run import agreement, evaluate, read_predictions, report
-    from .objectives.classify import class_names_of, eval_data_config
+    from .objectives.classify import class_names_of, describe_clips, eval_data_config
 
     model, num_classes, settings, torch = build_model(args)
     rank, world, device, dtype = inference_setup(args.dtype)
@@ -140,7 +190,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     result, preds = evaluate(model, loader, num_classes, device, dtype, rank, world, chunk=args.chunk)
     code = 0
     if rank == 0:
-        extra = {"weights": str(args.weights), "views": f"{settings['clips']} clips x {settings['crops']} crops",
+        extra = {"weights": str(args.weights) + (" (EMA)" if args.ema else ""),
+                 "views": f"{settings['clips']} clips x {settings['crops']} crops", "clips": describe_clips(data),
                  "shards": settings["shards"]}
         if args.agree_with:
             share, n = agreement(preds_top1(preds), read_predictions(args.agree_with))

@@ -1,7 +1,7 @@
 """Fine-tuning augmentation for video, built on timm's image implementations.
 
 CPU side (DataLoader workers, uint8): `FinetuneClipTransform` makes num_sample views of a decoded clip, each with
-its own random resized crop, optional horizontal flip and one RandAugment draw applied alike to every frame.
+one RandAugment draw applied alike to every frame, its own random resized crop and an optional horizontal flip.
 Every draw comes from the caller's torch.Generator, so a replayed batch is bit-identical.
 
 GPU side (normalised float batch (B, C, T, H, W)): `VideoRandomErasing` and `VideoMixup`. timm's image versions
@@ -16,7 +16,6 @@ import random
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.mixup import Mixup, mixup_target
@@ -24,7 +23,7 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 from torchvision.transforms import RandomResizedCrop
 
-from vmae_ds.data.transforms import crop_resize_thwc
+from vmae_ds.data.transforms import crop_resize_thwc, resize_uint8
 
 __all__ = ["AugmentError", "FinetuneClipTransform", "SoftTargetCrossEntropy", "VideoMixup", "VideoRandomErasing",
            "random_resized_crop_box"]
@@ -56,19 +55,23 @@ def random_resized_crop_box(h: int, w: int, scale: tuple[float, float], ratio: t
 
 class FinetuneClipTransform:
     """uint8 (T, 3, H, W) clip -> num_sample views, each uint8 (T, S, S, 3) (channels-last, for
-    `stack_channels_first`). Per view: random resized crop -> resize to S -> flip (p 0.5) -> RandAugment.
+    `stack_channels_first`). Per view, in the authors' order: RandAugment on the full frames -> random resized
+    crop -> resize to S (bilinear, not antialiased) -> flip (p 0.5).
 
     One RandAugment draw per view, the same ops and magnitudes on every frame (timm draws ops from numpy's and
     magnitudes from python's global RNG: both are seeded from `gen` and reset before each frame, and restored
-    to the caller's state afterwards). The ops run after the crop, on S x S frames (the authors' loader runs
-    them on full frames before the crop; cheaper here, same distribution of ops).
-    Picklable: DataLoader workers get a copy.
+    to the caller's state afterwards); its geometric ops interpolate bicubically and translate up to 45 % of
+    S (the authors' hparams). `randaug_first=False` runs it after the crop, on S x S frames (cheaper; the
+    same ops, but a translation then moves 45 % of the crop rather than 45 % of S within the full frame).
+    `antialias=True` antialiases the crop resize. Random draws per view, in order: RandAugment seed, crop box,
+    flip. Picklable: DataLoader workers get a copy.
     """
 
     def __init__(self, *, input_size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
                  randaug: str | None = "rand-m7-n4-mstd0.5-inc1", num_sample: int = 2,
-                 interpolation: str = "bilinear"):
+                 interpolation: str = "bilinear", randaug_interpolation: str = "bicubic",
+                 randaug_first: bool = True, antialias: bool = False):
         if input_size < 1:
             raise AugmentError(f"augment: input_size must be >= 1, got {input_size}")
         if not (len(scale) == 2 and 0 < scale[0] <= scale[1]):
@@ -77,15 +80,18 @@ class FinetuneClipTransform:
             raise AugmentError(f"augment: ratio must be (min, max) with 0 < min <= max, got {ratio}")
         if num_sample < 1:
             raise AugmentError(f"augment: num_sample must be >= 1, got {num_sample}")
-        if interpolation not in _PIL_INTERP:
-            raise AugmentError(f"augment: interpolation must be one of {sorted(_PIL_INTERP)}, got {interpolation!r}")
+        for name, value in (("interpolation", interpolation), ("randaug_interpolation", randaug_interpolation)):
+            if value not in _PIL_INTERP:
+                raise AugmentError(f"augment: {name} must be one of {sorted(_PIL_INTERP)}, got {value!r}")
         self.input_size, self.scale, self.ratio = input_size, tuple(scale), tuple(ratio)
         self.flip, self.randaug, self.num_sample, self.interpolation = flip, randaug, num_sample, interpolation
+        self.randaug_interpolation, self.randaug_first, self.antialias = randaug_interpolation, randaug_first, antialias
         self._randaug = self._build_randaug(randaug) if randaug else None
 
     def _build_randaug(self, spec: str):
-        # The authors' hparams: translations up to 45 % of the crop side, the run's interpolation, grey fill.
-        hparams = {"translate_const": int(self.input_size * 0.45), "interpolation": _PIL_INTERP[self.interpolation]}
+        # The authors' hparams: translations up to 45 % of the crop side, bicubic, grey fill.
+        hparams = {"translate_const": int(self.input_size * 0.45),
+                   "interpolation": _PIL_INTERP[self.randaug_interpolation]}
         if not spec.startswith("rand-"):
             raise AugmentError(f"augment: randaug {spec!r} must be a timm RandAugment string like "
                                "'rand-m7-n4-mstd0.5-inc1'")
@@ -103,27 +109,31 @@ class FinetuneClipTransform:
         return [self._view(frames, gen, flip_allowed) for _ in range(self.num_sample)]
 
     def _view(self, frames: torch.Tensor, gen: torch.Generator, flip_allowed: bool) -> torch.Tensor:
+        seed = _seed(gen) if self._randaug is not None else None
+        if seed is not None and self.randaug_first:
+            frames = self._randaug_frames(frames.permute(0, 2, 3, 1), seed).permute(0, 3, 1, 2)
         h, w = frames.shape[-2:]
         box = random_resized_crop_box(h, w, self.scale, self.ratio, gen)
         x = self._crop_resize(frames, box)  # (T, S, S, 3)
         if self.flip and flip_allowed and float(torch.rand(1, generator=gen)) < 0.5:
             x = x.flip(2)
-        if self._randaug is not None:
-            x = self._randaug_frames(x, _seed(gen))
+        if seed is not None and not self.randaug_first:
+            x = self._randaug_frames(x, seed)
         return x
 
     def _crop_resize(self, frames: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
         if self.interpolation == "bilinear":
-            return crop_resize_thwc(frames, box, self.input_size)
+            return crop_resize_thwc(frames, box, self.input_size, self.antialias)
         top, left, ch, cw = box
         x = frames[:, :, top:top + ch, left:left + cw]
         s = self.input_size
         if (ch, cw) != (s, s):
-            x = F.interpolate(x, size=(s, s), mode=self.interpolation, align_corners=False, antialias=True)
+            x = resize_uint8(x, (s, s), self.antialias, mode=self.interpolation)
         return x.permute(0, 2, 3, 1)
 
     def _randaug_frames(self, x: torch.Tensor, seed: int) -> torch.Tensor:
-        src = x.numpy()
+        """(T, H, W, 3) uint8 -> the same, every frame through the RandAugment draw of `seed`."""
+        src = np.ascontiguousarray(x.numpy())
         out = np.empty(src.shape, dtype=np.uint8)
         py_state, np_state = random.getstate(), np.random.get_state()
         try:

@@ -38,9 +38,23 @@ class DataConfig(BaseModel):
     num_frames: int = Field(16, ge=1, description="frames per clip")
     sampling: Literal["stride", "segments"] = Field(
         "stride", description="stride: num_frames frames sampling_rate apart from a random start (VideoMAE); "
-        "segments: the window cut into num_frames equal segments, one frame from each (random in training, the "
-        "middle at test time; TSN / UMT's sparse sampling, the whole clip whatever its length)")
+        "segments: the window cut into num_frames segments, one frame from each (random in training, test views "
+        "as segment_style says; TSN / UMT's sparse sampling, the whole clip whatever its length)")
+    segment_style: Literal["tsn", "sparse", "even"] = Field(
+        "tsn", description="sampling: segments: how the window is cut and where test views sit. tsn: floor(L/T)-"
+        "frame segments, test views at c/n of a segment (VideoMAE V2 SSv2, UMT pretraining and SSv2); sparse: "
+        "UMT's Kinetics fine-tuning ((L-1)/T segments, views at (c+1)/(n+1)); even: proportional segments "
+        "covering every frame, views at (c+0.5)/n")
     sampling_rate: int = Field(4, ge=1, description="temporal stride between sampled frames (sampling: stride)")
+    frame_spacing: Literal["exact", "linspace"] | None = Field(
+        None, description="sampling: stride, training: exact (i x stride from a random start, the authors' "
+        "pretraining) or linspace (T points over a random T x stride window, their fine-tuning); null: the "
+        "objective's (pretraining exact, fine-tuning linspace)")
+    stride_views: Literal["authors", "even"] = Field(
+        "authors", description="sampling: stride, test views: authors (starts on the stride grid, "
+        "int(c (count - T) / (n - 1))) or even (starts spread over every frame offset, rounded)")
+    antialias: bool | None = Field(None, description="antialias the bilinear resizes; null: as the authors "
+                                   "(pretraining crops yes, through PIL; fine-tuning crops and test views no)")
     source_sampling_rate: dict[str, int] = Field(default_factory=lambda: {"ssv2": 2},
                                                  description="stride per source, overrides sampling_rate")
     input_size: int = Field(224, ge=8, description="crop size after the multi-scale crop and resize")

@@ -13,9 +13,10 @@ from vmae_ds.data.decode import DecodeError, open_video
 from vmae_ds.data.loader import PretrainLoader, WorkerSupervisor
 from vmae_ds.data.nvdec import NvdecUnavailable
 from vmae_ds.data.remote import Remote, ShardOpener
+from vmae_ds.data.sampling import eval_indices, eval_segment_indices
 from vmae_ds.data.shards import EpochLayout, config_shards, shard_name
 from vmae_ds.data.stream import InFlight, Transform, initial_position, log, parse_sample, read_indexed
-from vmae_ds.data.transforms import eval_indices, eval_segment_indices, spatial_views, to_tchw
+from vmae_ds.data.transforms import spatial_views, to_tchw
 
 
 def build_finetune_loader(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int,
@@ -53,14 +54,15 @@ class _EvalStream(IterableDataset):
         if end <= start:
             raise DecodeError(f"empty frame window [{start}, {end})")
         if self.cfg.sampling == "segments":
-            clips = eval_segment_indices(start, end, self.cfg.num_frames, self.num_clips)
+            clips = eval_segment_indices(start, end, self.cfg.num_frames, self.num_clips, self.cfg.segment_style)
         else:
             stride = self.cfg.stride_for(str(meta.get("source", "")))
-            clips = eval_indices(start, end, self.cfg.num_frames, stride, self.num_clips)
+            clips = eval_indices(start, end, self.cfg.num_frames, stride, self.num_clips, self.cfg.stride_views)
         uniq = sorted({i for c in clips for i in c})
         frames = to_tchw(reader.get(uniq))
+        antialias = bool(self.cfg.antialias)  # null: the authors' test views are resized without antialiasing
         views = [v for c in clips for v in spatial_views(frames[[uniq.index(i) for i in c]],
-                                                         self.cfg.input_size, self.num_crops)]
+                                                         self.cfg.input_size, self.num_crops, antialias)]
         label = meta.get("label")
         return torch.stack(views), int(label) if isinstance(label, int) else -1
 

@@ -31,6 +31,7 @@ from vmae_ds.data.config import DataConfig
 from vmae_ds.data.decode import DecodeError, open_video
 from vmae_ds.data.nvdec import plan_clip
 from vmae_ds.data.remote import READ_COUNTERS, Remote, ShardOpener, ShardUnreachable
+from vmae_ds.data.sampling import segment_indices, train_indices
 from vmae_ds.data.shards import (
     EpochLayout,
     Layout,
@@ -41,14 +42,7 @@ from vmae_ds.data.shards import (
     settle,
     shard_name,
 )
-from vmae_ds.data.transforms import (
-    crop_resize_thwc,
-    multiscale_crop_box,
-    segment_indices,
-    stack_channels_first,
-    to_tchw,
-    train_indices,
-)
+from vmae_ds.data.transforms import crop_resize_thwc, multiscale_crop_box, stack_channels_first, to_tchw
 
 __all__ = ["ClipStream", "CorruptSample", "InFlight", "MultiScaleCrops", "ShardReader", "TransformError",
            "clip_frame_indices", "decode_clip", "derive_seed", "initial_position", "parse_sample", "prepare_worker"]
@@ -249,8 +243,9 @@ def clip_frame_indices(num_frames: int, meta: dict, cfg: DataConfig, gen: torch.
     if end <= start:
         raise DecodeError(f"empty frame window [{start}, {end})")
     if cfg.sampling == "segments":
-        return segment_indices(start, end, cfg.num_frames, gen)
-    return train_indices(start, end, cfg.num_frames, cfg.stride_for(str(meta.get("source", ""))), gen)
+        return segment_indices(start, end, cfg.num_frames, gen, cfg.segment_style)
+    return train_indices(start, end, cfg.num_frames, cfg.stride_for(str(meta.get("source", ""))), gen,
+                         cfg.frame_spacing or "exact")
 
 
 def decode_clip(data: bytes, meta: dict, cfg: DataConfig, gen: torch.Generator) -> torch.Tensor:
@@ -268,15 +263,23 @@ class MultiScaleCrops:
     """The default per-clip transform: num_sample multi-scale crops (the authors' GroupMultiScaleCrop) of
     one decoded clip, each uint8 (T, S, S, 3). Any callable with this signature can replace it."""
 
-    def __init__(self, cfg: DataConfig):
+    def __init__(self, cfg: DataConfig, flip: bool = False):
         self.scales, self.size, self.num_sample = tuple(cfg.scales), cfg.input_size, cfg.num_sample
+        self.antialias = cfg.antialias is not False  # the authors resize these crops with PIL: antialiased
+        self.flip = flip  # p 0.5 per crop, the whole clip (UMT's pretraining; VideoMAE never flips)
 
     def __call__(self, frames: torch.Tensor, gen: torch.Generator, meta: dict) -> list[torch.Tensor]:
         h, w = frames.shape[-2:]
         if min(h, w) * min(self.scales) < 1:
             raise DecodeError(f"frames of {w}x{h} are too small to crop")
-        return [crop_resize_thwc(frames, multiscale_crop_box(h, w, self.size, self.scales, gen), self.size)
-                for _ in range(self.num_sample)]
+        out = []
+        for _ in range(self.num_sample):
+            crop = crop_resize_thwc(frames, multiscale_crop_box(h, w, self.size, self.scales, gen), self.size,
+                                    self.antialias)
+            if self.flip and float(torch.rand(1, generator=gen)) < 0.5:
+                crop = crop.flip(2)
+            out.append(crop)
+        return out
 
 
 class InFlight:

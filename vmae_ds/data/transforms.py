@@ -1,4 +1,5 @@
-"""Temporal sampling and spatial augmentation on uint8 tensors (no float on the CPU), plus GPU normalisation.
+"""Spatial augmentation on uint8 tensors (no float on the CPU), plus GPU normalisation (temporal sampling:
+sampling.py).
 
 Spatial crops follow the authors' GroupMultiScaleCrop (TSN style): crop sides drawn from scales x short
 side with |i - j| <= 1 between the height and width scale (so aspect ratio varies a little), sides
@@ -12,56 +13,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vmae_ds.data.sampling import (  # noqa: F401  (temporal sampling moved there; its names stay importable)
+    clip_indices,
+    eval_indices,
+    eval_segment_indices,
+    randint_below,
+    segment_indices,
+    train_indices,
+)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _randint(n: int, gen: torch.Generator) -> int:
-    return int(torch.randint(0, n, (1,), generator=gen)) if n > 1 else 0
-
-
-def clip_indices(start: int, end: int, num_frames: int, stride: int, offset: int) -> list[int]:
-    """num_frames indices from `start + offset`, `stride` apart, clamped to the window's last frame."""
-    return [min(start + offset + i * stride, end - 1) for i in range(num_frames)]
-
-
-def train_indices(start: int, end: int, num_frames: int, stride: int, gen: torch.Generator) -> list[int]:
-    """Random start over all positions where the whole span fits (start 0 and clamping if none does)."""
-    span = (num_frames - 1) * stride + 1
-    return clip_indices(start, end, num_frames, stride, _randint(max(end - start - span + 1, 1), gen))
-
-
-def segment_indices(start: int, end: int, num_frames: int, gen: torch.Generator | None) -> list[int]:
-    """Sparse sampling: [start, end) cut into num_frames equal segments, one frame from each (a random one
-    with `gen`, the middle one without). Frames repeat when the window is shorter than num_frames."""
-    length, last = max(end - start, 1), max(end - 1, start)
-    out = []
-    for i in range(num_frames):
-        lo = start + length * i // num_frames
-        hi = max(start + length * (i + 1) // num_frames, lo + 1)  # every segment holds at least one frame
-        pick = _randint(hi - lo, gen) if gen is not None else (hi - lo - 1) // 2
-        out.append(min(lo + pick, last))
-    return out
-
-
-def eval_segment_indices(start: int, end: int, num_frames: int, num_clips: int) -> list[list[int]]:
-    """Test-time views of sparse sampling: num_clips evenly shifted offsets within every segment."""
-    length = max(end - start, 1)
-    seg = length / num_frames
-    clips = []
-    for c in range(num_clips):
-        frac = (c + 0.5) / num_clips
-        clips.append([min(start + int(seg * i + seg * frac), end - 1 if end > start else start)
-                      for i in range(num_frames)])
-    return clips
-
-
-def eval_indices(start: int, end: int, num_frames: int, stride: int, num_clips: int) -> list[list[int]]:
-    """num_clips evenly spaced clips over the window (test-time temporal views)."""
-    span = (num_frames - 1) * stride + 1
-    room = max(end - start - span, 0)
-    offs = [room // 2] if num_clips == 1 else [round(c * room / (num_clips - 1)) for c in range(num_clips)]
-    return [clip_indices(start, end, num_frames, stride, o) for o in offs]
 
 
 def multiscale_crop_box(h: int, w: int, size: int, scales: tuple[float, ...],
@@ -71,13 +33,13 @@ def multiscale_crop_box(h: int, w: int, size: int, scales: tuple[float, ...],
     sides = [int(base * s) for s in scales]
     sides = [size if abs(s - size) < 3 else s for s in sides]
     pairs = [(sh, sw) for i, sh in enumerate(sides) for j, sw in enumerate(sides) if abs(i - j) <= 1]
-    ch, cw = pairs[_randint(len(pairs), gen)]
+    ch, cw = pairs[randint_below(len(pairs), gen)]
     ch, cw = min(ch, h), min(cw, w)
     hs, ws = (h - ch) // 4, (w - cw) // 4
     offsets = [(0, 0), (0, 4 * ws), (4 * hs, 0), (4 * hs, 4 * ws), (2 * hs, 2 * ws),
                (2 * hs, 0), (2 * hs, 4 * ws), (4 * hs, 2 * ws), (0, 2 * ws),
                (hs, ws), (hs, 3 * ws), (3 * hs, ws), (3 * hs, 3 * ws)]
-    top, left = offsets[_randint(len(offsets), gen)]
+    top, left = offsets[randint_below(len(offsets), gen)]
     return top, left, ch, cw
 
 
@@ -86,11 +48,12 @@ def crop_resize(frames: torch.Tensor, box: tuple[int, int, int, int], size: int)
     top, left, ch, cw = box
     x = frames[:, :, top:top + ch, left:left + cw]
     if (ch, cw) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = resize_uint8(x, (size, size))
     return x.permute(1, 0, 2, 3)
 
 
-def crop_resize_thwc(frames: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+def crop_resize_thwc(frames: torch.Tensor, box: tuple[int, int, int, int], size: int,
+                     antialias: bool = True) -> torch.Tensor:
     """Like crop_resize, but returns (T, size, size, 3): the decoder's channels-last memory order.
 
     The uint8 antialiased resize is fastest on channels-last input (decoder output is (T, H, W, 3)),
@@ -99,8 +62,19 @@ def crop_resize_thwc(frames: torch.Tensor, box: tuple[int, int, int, int], size:
     top, left, ch, cw = box
     x = frames[:, :, top:top + ch, left:left + cw]
     if (ch, cw) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = resize_uint8(x, (size, size), antialias)
     return x.permute(0, 2, 3, 1)
+
+
+def resize_uint8(x: torch.Tensor, size_hw: tuple[int, int], antialias: bool = True,
+                 mode: str = "bilinear") -> torch.Tensor:
+    """uint8 (N, 3, H, W) resized. antialias: torch's uint8 antialiased kernel (PIL's resize, as the authors'
+    pretraining crops); without: the float resize rounded back to uint8 (within half a level of the authors'
+    fine-tuning crops, which resize floats, and of their test views, cv2's bilinear without antialiasing)."""
+    if antialias:
+        return F.interpolate(x, size=size_hw, mode=mode, align_corners=False, antialias=True)
+    y = F.interpolate(x.float(), size=size_hw, mode=mode, align_corners=False)
+    return y.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def stack_channels_first(crops_thwc: list[torch.Tensor]) -> torch.Tensor:
@@ -122,27 +96,26 @@ def to_tchw(frames_thwc) -> torch.Tensor:
     return torch.from_numpy(frames_thwc).permute(0, 3, 1, 2)
 
 
-def resize_short_side(frames: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (T, 3, H, W) with the short side scaled to `size`, aspect ratio kept."""
+def resize_short_side(frames: torch.Tensor, size: int, antialias: bool = True) -> torch.Tensor:
+    """uint8 (T, 3, H, W) with the short side scaled to `size`, the long side to int(size x long / short)
+    (truncated, as the authors' test resize)."""
     h, w = frames.shape[-2:]
-    scale = size / min(h, w)
-    th, tw = max(size, round(h * scale)), max(size, round(w * scale))
+    th, tw = (int(size * h / w), size) if w < h else (size, int(size * w / h))
     if (th, tw) == (h, w):
         return frames
-    return F.interpolate(frames, size=(th, tw), mode="bilinear", align_corners=False, antialias=True)
+    return resize_uint8(frames, (th, tw), antialias)
 
 
-def spatial_views(frames: torch.Tensor, size: int, num_crops: int) -> list[torch.Tensor]:
-    """Test-time crops: short side -> size, then num_crops squares spread along the long side (3 = l/c/r)."""
-    x = resize_short_side(frames, size)
+def spatial_views(frames: torch.Tensor, size: int, num_crops: int, antialias: bool = True) -> list[torch.Tensor]:
+    """Test-time crops: short side -> size, then num_crops squares along the long side (3 = l/c/r), crop k of
+    n at int(k x (long - size) / (n - 1)) as the authors' test loader (one crop: centred)."""
+    x = resize_short_side(frames, size, antialias)
     h, w = x.shape[-2:]
     views = []
     for k in range(num_crops):
-        frac = 0.5 if num_crops == 1 else k / (num_crops - 1)
-        if h > w:
-            top, left = round((h - size) * frac), (w - size) // 2
-        else:
-            top, left = (h - size) // 2, round((w - size) * frac)
+        along = max(h, w) - size
+        off = along // 2 if num_crops == 1 else int(k * (along / (num_crops - 1)))
+        top, left = (off, (w - size) // 2) if h > w else ((h - size) // 2, off)
         views.append(x[:, :, top:top + size, left:left + size].permute(1, 0, 2, 3))
     return views
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 RESUME_FREE = {"name", "output_dir", "deepspeed_config", "optim.max_steps", "activation_checkpointing",
                "checkpoint", "logging", "debug", "max_consecutive_nonfinite", "data.shards", "speed",
                "optim.fused", "optim.grad_accum", "finetune.eval", "finetune.init", "finetune.init_head_map",
-               "finetune.init_fresh_head"}
+               "finetune.init_fresh_head", "finetune.ema.eval"}
 
 
 def resume_conflicts(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -162,8 +162,13 @@ class EvalConfig(Strict):
 
 
 class EMAConfig(Strict):
+    """An exponential moving average of the weights (the authors' --model_ema, timm's ModelEma): started from
+    the initial weights, after every applied optimizer step ema = decay x ema + (1 - decay) x weights; kept
+    in fp32, sharded over the ranks, saved with every checkpoint."""
+
     enabled: bool = False
-    decay: float = Field(0.9999, gt=0, lt=1)
+    decay: float = Field(0.9999, gt=0, lt=1, description="the authors' --model_ema_decay default")
+    eval: bool = Field(True, description="evaluate the EMA too at the end (finetune.eval), next to the model")
 
 
 class FinetuneConfig(Strict):
@@ -186,6 +191,15 @@ class FinetuneConfig(Strict):
     flip: bool = True
     no_flip_sources: list[str] = Field(default_factory=lambda: ["ssv2"],
                                        description="sources whose labels depend on left/right: never flipped")
+    randaug_order: Literal["before_crop", "after_crop"] = Field(
+        "before_crop", description="before_crop: RandAugment on the full frames, then the random resized crop "
+        "(the authors); after_crop: on the S x S crop (cheaper)")
+    randaug_interpolation: Literal["bicubic", "bilinear"] = Field(
+        "bicubic", description="RandAugment's rotate / shear / translate resampling (the authors': bicubic)")
+    pos_embed: Literal["interpolate", "fresh"] = Field(
+        "interpolate", description="position table at another frame count or size than the initial weights "
+        "were trained at: interpolate their table (bicubic in space, linear in time, as UMT's fine-tuning) or "
+        "build a fresh sinusoid for this grid; the same either way at the initial weights' own grid")
     ema: EMAConfig = EMAConfig()
     eval: EvalConfig = EvalConfig()
 
@@ -229,6 +243,14 @@ class UMTConfig(Strict):
     align_layers: int = Field(6, ge=1, description="K: the last K blocks of student and teacher are aligned")
     mask: Literal["attention", "tube", "random"] = "attention"
     mask_ratio: float = Field(0.8, gt=0, lt=1)
+    flip: bool = Field(True, description="flip each clip horizontally with p 0.5 after its crop (the authors' "
+                       "--flip True; VideoMAE pretraining never flips)")
+    teacher_normalize: Literal["student", "clip"] = Field(
+        "student", description="the teacher's input: student (the student's ImageNet-normalised frames as they "
+        "are, the authors) or clip (re-normalised to CLIP's mean / std, what CLIP was trained on)")
+    teacher_resize: Literal["bicubic", "bilinear"] = Field(
+        "bicubic", description="resampling of the frames to the teacher's size when it differs (UMT-L: 224 -> 196; "
+        "the authors: bicubic)")
 
 
 class RunConfig(Strict):

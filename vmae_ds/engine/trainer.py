@@ -350,6 +350,7 @@ class _Loop:
                     continue
                 consecutive = 0
                 state.step = step = step + 1
+                self.objective.after_step(engine, step)
                 if syncs is not None and step == first_step + 4:
                     self.report_syncs(syncs.stop(), step - 2, step)
                 state.videos += self.d.global_batch

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .checkpoint_import import CheckpointError, load_pretrained, read_canonical
+from .registry import get_spec
 
 
 @torch.no_grad()
@@ -59,3 +62,40 @@ def load_classifier_init(model: nn.Module, path: str, head_map: Any = None, fres
     else:
         lines.append("head: from the checkpoint" if has_head else "head: fresh (the checkpoint has none)")
     return lines
+
+
+def exported_config(path: str | Path | None) -> dict | None:
+    """The run config (as a dict) that one of our safetensors exports carries in its metadata, else None."""
+    p = Path(path) if path else None
+    if p is None or p.suffix != ".safetensors" or not p.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(p), "pt") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta["config"]) if "config" in meta else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def trained_grid(path: str | None, model_name: str) -> tuple[int, int, int]:
+    """The token grid (t, h, w) the weights in `path` were trained at: from the run config our exports carry, or
+    an HF folder's config.json; otherwise the registry size of `model_name` (16 x 224, tubelet 2: the grid of
+    the authors' released checkpoints; UMT's 8 frames with tubelet 1 give the same 8 x 14 x 14)."""
+    sizes: dict = {}
+    p = Path(path) if path else None
+    try:
+        if p is not None and p.is_dir() and (p / "config.json").is_file():
+            hf = json.loads((p / "config.json").read_text())
+            sizes = {"num_frames": hf.get("num_frames"), "img_size": hf.get("image_size"),
+                     "tubelet_size": hf.get("tubelet_size"), "patch_size": hf.get("patch_size")}
+        else:
+            model = (exported_config(p) or {}).get("model") or {}
+            model_name = model.get("name", model_name)
+            sizes = {k: model.get(k) for k in ("num_frames", "img_size", "tubelet_size", "patch_size")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        sizes = {}
+    spec = get_spec(model_name, **{k: v for k, v in sizes.items() if v})
+    side = spec.img_size // spec.patch_size
+    return spec.num_frames // spec.tubelet_size, side, side

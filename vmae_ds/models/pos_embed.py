@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def sinusoid_table(num_positions: int, dim: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -19,3 +20,21 @@ def sinusoid_table(num_positions: int, dim: int, device: torch.device | str | No
     table = np.where(np.arange(dim) % 2 == 0, np.sin(angle), np.cos(angle)).astype(np.float32)
     out = torch.from_numpy(table).unsqueeze(0)
     return out if device is None else out.to(device)
+
+
+def interpolated_table(source_grid: tuple[int, int, int], grid: tuple[int, int, int], dim: int) -> torch.Tensor:
+    """(1, T*H*W, dim) float32: the sinusoid table of `source_grid` (t, h, w) resampled to `grid`, bicubic in
+    space then linear in time (align_corners False), as UMT's fine-tuning adapts its pretraining table; equal to
+    `sinusoid_table` when the grids agree. Numpy and functional ops only (safe inside zero.Init)."""
+    t0, h0, w0 = source_grid
+    t, h, w = grid
+    table = sinusoid_table(t0 * h0 * w0, dim)
+    if tuple(source_grid) == tuple(grid):
+        return table
+    x = table.reshape(t0, h0, w0, dim)
+    if (h0, w0) != (h, w):
+        x = F.interpolate(x.permute(0, 3, 1, 2), size=(h, w), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    if t0 != t:
+        x = F.interpolate(x.permute(1, 2, 3, 0).reshape(h * w, dim, t0), size=t, mode="linear", align_corners=False)
+        x = x.reshape(h, w, dim, t).permute(3, 0, 1, 2)
+    return x.reshape(1, t * h * w, dim).contiguous()

@@ -69,6 +69,10 @@ class Objective:
         counted) and, when there is one, 'teacher' (its forward)."""
         raise NotImplementedError
 
+    def after_step(self, engine: Any, step: int) -> None:
+        """After every applied optimizer step (not a skipped non-finite one), on every rank; `step` is the number
+        of applied steps so far (e.g. an EMA of the weights folds them in here)."""
+
     def state_dict(self) -> dict:
         """Objective state that checkpoints must carry (e.g. an EMA); per rank."""
         return {}

@@ -50,6 +50,7 @@ class DistillObjective(ClassifyObjective):
         return lines
 
     def loss(self, model: Any, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.start_ema(model)
         video, target = self.augment(batch)
         x = video.to(self.dtype)
         with torch.no_grad():

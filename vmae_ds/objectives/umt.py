@@ -1,7 +1,9 @@
 """Unmasked Teacher (UMT) stage 1: align the student's visible tokens with a frozen CLIP image model.
 
 Frames go through the teacher independently (no grad, bf16), at the resolution that gives the teacher the
-student's token grid (UMT-L: a /14 teacher sees 196 px so its 14 x 14 grid matches a /16 student at 224).
+student's token grid (UMT-L: a /14 teacher sees 196 px, resized bicubically, so its 14 x 14 grid matches a /16
+student at 224). As the authors, the teacher gets the student's ImageNet-normalised frames as they are
+(`umt.teacher_normalize: clip` re-normalises them to CLIP's statistics) and clips are flipped (`umt.flip`).
 With `umt.mask: attention` the teacher's class-token attention chooses, per frame, which tokens the student
 keeps (a multinomial draw without replacement); tube and random masks are the options.
 """
@@ -66,8 +68,10 @@ class UMTObjective(Objective):
         t = self.uc.teacher
         self.teacher = load_clip_teacher(t.path, t.name, num_align_layers=self.uc.align_layers,
                                          image_size=self.teacher_size, device=device, dtype=self.dtype)
+        inputs = "the student's ImageNet-normalised frames" if self.uc.teacher_normalize == "student" else \
+            "frames re-normalised to CLIP's mean / std"
         return [f"teacher: {self.teacher.load_report.summary()}; sees {self.teacher_size} px frames "
-                f"({self.grid().h}x{self.grid().w} tokens, as the student)"]
+                f"({self.grid().h}x{self.grid().w} tokens, as the student), {inputs}"]
 
     # ---------------------------------------------------------------- data
     def build_loader(self, rank: int, world: int) -> Any:
@@ -80,13 +84,14 @@ class UMTObjective(Objective):
                      "decoder_ratio": 0.0} if masked else None
             return SyntheticLoader.for_run(cfg, rank, world, frames=self.spec.num_frames, size=self.spec.img_size,
                                            grid=self.grid(), masks=masks)
-        from ..data import build_pretrain_loader, default_mask_fn
+        from ..data import MultiScaleCrops, PretrainLoader, default_mask_fn
 
         mask_fn = default_mask_fn(self.grid(), encoder_kind=self.uc.mask, encoder_ratio=self.uc.mask_ratio,
                                   decoder_kind="none") if masked else None
-        return build_pretrain_loader(cfg.shards_config(), batch_size=cfg.optim.batch_size * cfg.data.num_sample,
-                                     rank=rank, world_size=world, seed=cfg.seed, mask_fn=mask_fn,
-                                     **loader_extras(cfg))
+        shards = cfg.shards_config()
+        return PretrainLoader(shards, batch_size=cfg.optim.batch_size * cfg.data.num_sample, rank=rank,
+                              world_size=world, seed=cfg.seed, mask_fn=mask_fn,
+                              transform=MultiScaleCrops(shards, flip=self.uc.flip), **loader_extras(cfg))
 
     def to_device(self, batch: dict) -> dict:
         video = batch["video"].to(self.device, non_blocking=True)
@@ -100,10 +105,12 @@ class UMTObjective(Objective):
         """K teacher feature maps (B, T*N, D) in the student's token order, and attention (B, T, N)."""
         b, c, t, h, w = video.shape
         frames = video.transpose(1, 2).reshape(b * t, c, h, w)
-        scale, shift = self.to_clip
-        frames = frames * scale + shift
+        if self.uc.teacher_normalize == "clip":
+            scale, shift = self.to_clip
+            frames = frames * scale + shift
         if (h, w) != (self.teacher_size, self.teacher_size):
-            frames = F.interpolate(frames, size=(self.teacher_size,) * 2, mode="bilinear", align_corners=False)
+            frames = F.interpolate(frames, size=(self.teacher_size,) * 2, mode=self.uc.teacher_resize,
+                                   align_corners=False)
         with torch.no_grad():
             feats, attn = self.teacher(frames.to(self.dtype))
         n = attn.shape[-1]
