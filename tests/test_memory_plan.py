@@ -24,11 +24,11 @@ RECIPE_G = ROOT / "configs" / "pretrain" / "vit_giant_hybrid.yaml"
 
 
 def _exact_saved(cfg, mode: str, k: int) -> int:
-    """Saved bytes of one sample with the model really checkpointed (the counter sees checkpoint inputs)."""
+    """Saved bytes of two samples with the model really checkpointed (the counter sees checkpoint inputs)."""
     obj = MAEObjective(cfg)
     obj.setup(torch.device("cpu"))
     one = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"batch_size": 1}),
-                                 "data": cfg.data.model_copy(update={"num_sample": 1})})
+                                 "data": cfg.data.model_copy(update={"num_sample": 2})})
     raw = next(iter(MAEObjective(one).build_loader(0, 1)))
     batch = obj.to_device(raw)
     with torch.device("meta"):
@@ -45,13 +45,13 @@ def _exact_saved(cfg, mode: str, k: int) -> int:
 def test_profile_prices_every_checkpointing_choice_exactly_at_vit_b_size():
     cfg = load_run_config(RECIPE_B, ["data.kind=synthetic"])
     prof = profile_objective(MAEObjective, cfg)
-    assert prof.total == _exact_saved(cfg, "none", 0)
+    assert 2 * prof.total == _exact_saved(cfg, "none", 0)
     with torch.device("meta"):
         model = MAEObjective(cfg).build_model()
     assert checkpoint_counts(model, "full", 0) == {"encoder.blocks": 12, "decoder.blocks": 4}
     assert checkpoint_counts(model, "selective", 5) == {"encoder.blocks": 5, "decoder.blocks": 0}
     for mode, k in (("selective", 5), ("full", 0)):
-        assert prof.saved(checkpoint_counts(model, mode, k)) == _exact_saved(cfg, mode, k), (mode, k)
+        assert 2 * prof.saved(checkpoint_counts(model, mode, k)) == _exact_saved(cfg, mode, k), (mode, k)
     # one sample's input as the objective hands it over: ImageNet-normalised fp32 16 x 224 x 224 + token indices
     assert prof.batch_bytes >= 3 * 16 * 224 * 224 * 4
     # real ViT-B shapes: 8 x 14 x 14 tokens, the tube mask hides int(0.9 * 196) = 176 a frame, 768 wide, bf16

@@ -1,6 +1,6 @@
 """What one training sample keeps in memory for backward, at the run's real size, counted on fake tensors.
 
-The objective's own forward and loss run once at micro-batch 1 on fake CPU tensors (no data, no FLOPs, seconds
+The objective's own forward and loss run once at micro-batch 2 on fake CPU tensors (no data, no FLOPs, seconds
 even for ViT-g), with the model in the dtype the engine trains it in. Autograd's saved tensors are counted per
 storage and attributed to the transformer block that first saved them, together with the size of each block's
 input. That is enough to price every checkpointing choice without running it: checkpointing a block keeps its
@@ -75,15 +75,18 @@ class _RNGKept:
         random.setstate(self.state[2])
 
 
+PROFILE_SAMPLES = 2  # counted together (Mixup / CutMix need pairs), reported per sample
+
+
 def profile_objective(objective_cls: type, cfg: Any) -> ActivationProfile:
-    """Count one sample of `objective_cls` under run config `cfg` (its model, masks, dtype and loss)."""
+    """Count a sample of `objective_cls` under run config `cfg` (its model, masks, dtype and loss)."""
     from ..engine.prefetch import tensors_in
 
-    one = type(cfg).model_validate({
-        **cfg.model_dump(), "data": {**cfg.data.model_dump(), "kind": "synthetic", "num_sample": 1,
-                                     "synthetic": {**cfg.data.synthetic.model_dump(), "num_videos": 1,
-                                                   "resident": False}},
-        "optim": {**cfg.optim.model_dump(), "batch_size": 1}})
+    synthetic = cfg.data.synthetic.model_copy(update={"num_videos": 1, "resident": False})
+    one = cfg.model_copy(update={  # PROFILE_SAMPLES synthetic samples of the run's shape (Mixup pairs samples)
+        "data": cfg.data.model_copy(update={"kind": "synthetic", "num_sample": PROFILE_SAMPLES,
+                                            "synthetic": synthetic}),
+        "optim": cfg.optim.model_copy(update={"batch_size": 1})})
     objective = objective_cls(one)
     with _RNGKept():
         cpu = torch.device("cpu")
@@ -112,6 +115,7 @@ def profile_objective(objective_cls: type, cfg: Any) -> ActivationProfile:
             finally:
                 for h in hooks:
                     h.remove()
-    per_stack = {s: [(counter.bytes_by_scope.get(f"{s}.{i}", 0), inputs.get(f"{s}.{i}", 0))
+    n = PROFILE_SAMPLES
+    per_stack = {s: [(counter.bytes_by_scope.get(f"{s}.{i}", 0) // n, inputs.get(f"{s}.{i}", 0) // n)
                      for i in range(len(blocks))] for s, blocks in stacks.items()}
-    return ActivationProfile(total=counter.activation_bytes, stacks=per_stack, batch_bytes=batch_bytes)
+    return ActivationProfile(total=counter.activation_bytes // n, stacks=per_stack, batch_bytes=batch_bytes // n)
