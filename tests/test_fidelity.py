@@ -303,19 +303,23 @@ def test_classifier_interpolates_the_initial_weights_table(tmp_path):
 # ------------------------------------------------------------------ evaluation keeps the training clips
 def test_eval_config_keeps_every_field_that_defines_a_clip():
     from vmae_ds.data import DataConfig
-    from vmae_ds.objectives.classify import CLIP_FIELDS, eval_data_config
+    from vmae_ds.objectives.classify import CLIP_FIELDS, READ_FIELDS, eval_data_config
 
     trained = DataConfig(shards="train", sampling="segments", segment_style="sparse", sampling_rate=3,
                          source_sampling_rate={"ssv2": 1}, stride_views="even", antialias=True, backend="pyav",
-                         num_frames=8)
+                         num_frames=8, read_retries=7, cache_gib=3.0)
     ev = eval_data_config(trained.model_dump(), "val", 1, 8, 224)
     assert {k: getattr(ev, k) for k in CLIP_FIELDS} == {k: getattr(trained, k) for k in CLIP_FIELDS}
+    # evaluation shards are read the way the training shards were (same store, retries, cache)
+    assert {k: getattr(ev, k) for k in READ_FIELDS} == {k: getattr(trained, k) for k in READ_FIELDS}
     # every DataConfig field is either carried or named as training / loader only: a new one must be sorted
     loader_only = {"shards", "num_frames", "input_size", "scales", "num_sample", "num_workers", "resampled",
                    "shuffle_block", "pin_memory", "persistent_workers", "prefetch_factor", "max_inflight_gib",
-                   "shm_path", "decode_timeout_s", "max_bad_shards_in_a_row", "max_corrupt_in_a_row", "frame_spacing"}
-    assert set(DataConfig.model_fields) == set(CLIP_FIELDS) | loader_only, set(DataConfig.model_fields) ^ (
-        set(CLIP_FIELDS) | loader_only)
+                   "shm_path", "decode_timeout_s", "max_bad_shards_in_a_row", "max_corrupt_in_a_row", "frame_spacing",
+                   "base_url"}
+    carried = set(CLIP_FIELDS) | set(READ_FIELDS)
+    assert set(DataConfig.model_fields) == carried | loader_only, set(DataConfig.model_fields) ^ (
+        carried | loader_only)
     default = eval_data_config({}, "val", 1, 8, 224)
     assert default.sampling == "stride" and not default.antialias  # weights files: the authors' test views
 
