@@ -152,7 +152,8 @@ def ours(path: Path, shards_dir: Path, like: dict) -> dict:
     if cfg.objective == "mae":
         m = cfg.masks
         out |= {"masks": (m.encoder, m.encoder_ratio, m.decoder, m.decoder_ratio), "decoder_depth": spec.decoder_depth,
-                "sampling": sampling, "spacing": data.frame_spacing or "exact", "antialias": data.antialias is not False}
+                "sampling": sampling, "spacing": data.frame_spacing or "exact",
+                "antialias": data.antialias is not False}
         if cfg.activation_checkpointing.mode != "auto":
             out["checkpointing"] = cfg.activation_checkpointing.mode == "full"
     elif cfg.objective == "umt":
