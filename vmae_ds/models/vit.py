@@ -15,6 +15,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import KernelChoice
+from ..flops import aligned
 from ..masking import TokenSelection, gather_tokens, select_tokens
 from .pos_embed import sinusoid_table
 
@@ -44,11 +45,6 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         out = self.kernel(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
-
-
-def aligned(n: int, multiple: int) -> int:
-    """`n` rounded up to a multiple of `multiple`."""
-    return -(-n // multiple) * multiple
 
 
 class _PadOutLinear(nn.Linear):
