@@ -36,7 +36,7 @@ gpu-check:  ## GPU checks in one command (exits 2 without CUDA); wheels from .wh
 	bash scripts/gpu_check.sh
 
 flops: setup  ## analytic FLOPs table, all sizes, encoder-only vs dual
-	$(PY) -m vmae_ds.flops
+	$(PY) -m vmae_ds.flops_cli
 
 clean:
 	rm -rf $(VENV) runs reports demo_out demo_ft_out demo_umt_out

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from vmae_ds import flops
 from vmae_ds.flops import (
     FlopsBreakdown,
     classifier_flops,
-    main,
+    embed_flops,
     pretrain_flops,
     train_step_flops,
 )
-from vmae_ds.masking import TokenGrid, make_masks
+from vmae_ds.flops_cli import main
+from vmae_ds.masking import RUNNING_CELL_RATIOS, TokenGrid, make_masks
 from vmae_ds.models import create_classifier, create_pretrain_model, get_spec
 
 # (name, overrides): the tiny debug model and a small-but-real ViT-S (full width/depth, few tokens)
@@ -108,32 +112,74 @@ def test_train_step_is_three_forwards_and_counts_backward():
     assert measured == step.total
 
 
-def test_meta_device_vit_g_matches_counter():
-    """ViT-g built on the meta device (no memory): every part runs on meta tensors under the counter.
+def _meta_vit_g_forward(model: torch.nn.Module) -> None:
+    """ViT-g's forward on meta tensors, tube 0.9 + running cell 0.5 (boolean-mask gathers are data dependent and
+    cannot run on meta, so the visible / kept token counts are fed as shapes, which is what the forward makes)."""
+    video = torch.empty(1, 3, 16, 224, 224)
+    vis, kept = 8 * 26, 2048 // 2
+    if model.encoder.embed_visible_only:
+        x = model.encoder.patch_embed(video, torch.zeros(1, vis, dtype=torch.long))
+    else:
+        x = model.encoder.patch_embed(video)
+        assert x.shape == (1, 2048, 1408)
+        x = x[:, :vis]
+    x = model.encoder.norm(torch.nn.Sequential(*model.encoder.blocks)(x))
+    x = model.encoder_to_decoder(x)
+    x = torch.cat([x, model.mask_token.expand(1, kept, -1)], dim=1)
+    out = model.decoder(x, kept)
+    assert out.shape == (1, kept, 3 * 2 * 14 * 14)
 
-    Boolean-mask gathers are data dependent and cannot run on meta, so the visible / kept token counts
-    are fed as shapes, which is exactly what the forward produces for tube 0.9 + running cell 0.5.
-    """
+
+def test_meta_device_vit_g_matches_counter():
+    """ViT-g the authors' way (the conv over every token, the decoder MLP at 2234) built on the meta device (no
+    memory): every part runs on meta tensors under the counter, which matches the paper's count."""
+    spec = get_spec("g")
+    with torch.device("meta"):
+        model = create_pretrain_model("g", attention="math", embed_visible_only=False, decoder_mlp_align=1)
+        fb = pretrain_flops(spec, embed_visible_only=False)
+        with torch.no_grad():
+            assert _counted(lambda: _meta_vit_g_forward(model)) == fb.total
+    assert 263e9 < pretrain_flops(spec, decoder_mode="none", embed_visible_only=False).macs < 265e9  # 263.93 G
+    assert 241e9 < fb.macs < 242.5e9  # paper: 241.61 G
+
+
+def test_meta_device_vit_g_default_counts_what_runs():
+    """The default model embeds the 208 visible tokens only and runs the decoder MLP at 2240: the counter sees
+    both; the model FLOPs (what MFU counts) leave out only the padding's work on zeros."""
     spec = get_spec("g")
     with torch.device("meta"):
         model = create_pretrain_model("g", attention="math")
-        video = torch.empty(1, 3, 16, 224, 224)
-        vis, kept = 8 * 26, 2048 // 2
-        fb = pretrain_flops(spec)
-
-        def forward() -> None:
-            x = model.encoder.patch_embed(video)
-            assert x.shape == (1, 2048, 1408)
-            x = model.encoder.norm(torch.nn.Sequential(*model.encoder.blocks)(x[:, :vis]))
-            x = model.encoder_to_decoder(x)
-            x = torch.cat([x, model.mask_token.expand(1, kept, -1)], dim=1)
-            out = model.decoder(x, kept)
-            assert out.shape == (1, kept, 3 * 2 * 14 * 14)
-
         with torch.no_grad():
-            assert _counted(forward) == fb.total
-    assert 263e9 < pretrain_flops(spec, decoder_mode="none").macs < 265e9  # paper: 263.93 G
-    assert 241e9 < fb.macs < 242.5e9  # paper: 241.61 G
+            counted = _counted(lambda: _meta_vit_g_forward(model))
+    assert counted == pretrain_flops(spec, decoder_mlp_align=64).total
+    authors, ours = pretrain_flops(spec, embed_visible_only=False), pretrain_flops(spec)
+    assert authors.encoder - ours.encoder == embed_flops(spec, 2048 - 208) == 2 * 1840 * 1408 * 1176
+    assert ours.decoder == authors.decoder
+    # padding: 6 zero features in fc1 and fc2 of the 4 decoder blocks, on 208 + 1024 tokens
+    assert counted - ours.total == 4 * 2 * 2 * (208 + 1024) * 512 * 6
+    assert 1.2e-2 < (authors.total - ours.total) / authors.total < 1.3e-2  # 1.3 % of the step skipped
+
+
+def test_flops_module_imports_nothing_of_the_project():
+    """Plain arithmetic: no circle through the models or objectives can start from it."""
+    code = "import sys, vmae_ds.flops; print(sorted(m for m in sys.modules if m.startswith('vmae_ds')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['vmae_ds', 'vmae_ds.flops']"
+    assert flops.RUNNING_CELL_RATIOS == RUNNING_CELL_RATIOS  # the copy kept to stay free of torch
+
+
+def test_visible_only_embedding_matches_flop_counter():
+    over = {"num_frames": 4, "img_size": 64}
+    spec = get_spec("vit_tiny_debug", **over)
+    enc, dec = make_masks("tube", 0.75, "running_cell", 0.5, 2, TokenGrid(2, 8, 8))
+    counts = {}
+    for visible_only in (True, False):
+        model = create_pretrain_model("debug", attention="math", embed_visible_only=visible_only, **over)
+        with torch.no_grad():
+            counts[visible_only] = _counted(lambda m=model: m(torch.randn(2, 3, 4, 64, 64), enc, dec))
+        assert counts[visible_only] == 2 * pretrain_flops(spec, encoder_ratio=0.75,
+                                                          embed_visible_only=visible_only).total
+    assert counts[False] - counts[True] == 2 * embed_flops(spec, 128 - 32)  # 2 clips, 96 hidden tokens each
 
 
 def test_flops_grow_as_expected():

@@ -6,7 +6,6 @@ import json
 import resource
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -54,16 +53,6 @@ def peak_memory_gib() -> tuple[float, float | None, str]:
         return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30, "cuda"
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return kib / 2**20, None, "rss"
-
-
-def model_flops_per_clip(cfg: Any) -> float:
-    """fwd+bwd FLOPs per clip of MAE pretraining from vmae_ds.flops (recompute not counted)."""
-    from ..flops import train_step_flops
-
-    spec = cfg.model.spec()
-    m = cfg.masks
-    return float(train_step_flops(spec, decoder_mode=m.decoder, encoder_ratio=m.encoder_ratio,
-                                  decoder_ratio=m.decoder_ratio, encoder_mask=m.encoder).total)
 
 
 class MetricsWriter:

@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from timm.layers import LayerNormFp32
 from timm.models.vision_transformer import VisionTransformer
 
-from .. import flops  # module import: vmae_ds.flops imports vmae_ds.models, so no name import here
+from ..flops import block_flops
 from .checkpoint_import import CheckpointError, read_state_dict
 
 __all__ = ["CLIP_MEAN", "CLIP_SPECS", "CLIP_STD", "CLIPSpec", "CLIPTeacher", "TeacherLoadError", "TeacherLoadReport",
@@ -453,7 +453,7 @@ def clip_flops_per_image(name: str | CLIPSpec, image_size: int, *, num_align_lay
     patches = (image_size // spec.patch_size) ** 2
     tokens = patches + 1
     embed = 2 * patches * spec.width * 3 * spec.patch_size**2
-    blocks = spec.layers * flops.block_flops(tokens, spec.width, int(spec.width * spec.mlp_ratio))
+    blocks = spec.layers * block_flops(tokens, spec.width, int(spec.width * spec.mlp_ratio))
     cls_row = 2 * tokens * spec.width  # q_cls k^T over all heads
     proj = num_align_layers * 2 * patches * spec.width * spec.proj_dim
     return embed + blocks + cls_row + proj

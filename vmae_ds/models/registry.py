@@ -37,7 +37,7 @@ ALIASES = {"S": "vit_small_patch16", "B": "vit_base_patch16", "L": "vit_large_pa
            "H": "vit_huge_patch16", "g": "vit_giant_patch14", "debug": "vit_tiny_debug"}
 
 _SPEC_FIELDS = set(ModelSpec.__dataclass_fields__)
-_BUILD_ONLY = {"attention", "drop_path_rate"}
+_BUILD_ONLY = {"attention", "drop_path_rate", "embed_visible_only", "decoder_mlp_align"}
 
 
 def list_models() -> list[str]:
@@ -65,7 +65,8 @@ def _split(overrides: dict) -> tuple[dict, dict]:
 
 
 def create_pretrain_model(name: str, **overrides) -> PretrainVideoMAE:
-    """Pretraining encoder + decoder. Overrides: any ModelSpec field, `attention`, `drop_path_rate`.
+    """Pretraining encoder + decoder. Overrides: any ModelSpec field, `attention`, `drop_path_rate`,
+    `embed_visible_only`, `decoder_mlp_align` (False / 1: the authors' way of running the same model).
 
     Build under `with torch.device("meta"):` to size a model without memory; call
     `model.to_empty(device=...)` then `model.init_weights()` to materialise it.

@@ -31,14 +31,15 @@ class AlignHead(nn.Module):
 class UMTStudent(nn.Module):
     def __init__(self, *, img_size: int, patch_size: int, num_frames: int, tubelet_size: int, dim: int, depth: int,
                  num_heads: int, mlp_ratio: float, teacher_dim: int, align_layers: int, attention: str = "auto",
-                 drop_path_rate: float = 0.0, **_decoder_sizes: int):
+                 drop_path_rate: float = 0.0, embed_visible_only: bool = True, **_decoder_sizes: int):
         super().__init__()
         if not 0 < align_layers <= depth:
             raise ValueError(f"align_layers {align_layers} must be in [1, depth {depth}]")
         self.kernel = KernelChoice(attention)
         self.encoder = VideoEncoder(img_size=img_size, patch_size=patch_size, num_frames=num_frames,
                                     tubelet_size=tubelet_size, dim=dim, depth=depth, num_heads=num_heads,
-                                    mlp_ratio=mlp_ratio, kernel=self.kernel, drop_path_rate=drop_path_rate)
+                                    mlp_ratio=mlp_ratio, kernel=self.kernel, drop_path_rate=drop_path_rate,
+                                    embed_visible_only=embed_visible_only)
         self.grid = self.encoder.grid
         self.align_layers = align_layers
         self.align_heads = nn.ModuleList(AlignHead(dim, teacher_dim) for _ in range(align_layers))

@@ -11,10 +11,11 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from ..attention import KernelChoice
+from ..flops import aligned
 from ..masking import TokenSelection, gather_tokens, select_tokens
 from .pos_embed import sinusoid_table
 
@@ -46,32 +47,102 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
+class _PadOutLinear(nn.Linear):
+    """A Linear whose output runs `pad` zero features wider: the GEMM gets an aligned width, the parameters
+    (and so checkpoints, exports, optimizer states and imports) keep the unpadded shape.
+
+    The zero rows are made in the forward, not stored: no gradient, no optimizer state, no weight decay can
+    reach them, so they stay exactly zero. Padding its own weight in its own forward keeps ZeRO-3's
+    gather-around-forward valid."""
+
+    pad: int = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.pad:
+            return super().forward(x)
+        bias = None if self.bias is None else F.pad(self.bias, (0, self.pad))
+        return F.linear(x, F.pad(self.weight, (0, 0, 0, self.pad)), bias)
+
+
+class _PadInLinear(nn.Linear):
+    """A Linear that takes an input `pad` features wider than its weight, the extra ones meeting zero columns."""
+
+    pad: int = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.pad:
+            return super().forward(x)
+        return F.linear(x, F.pad(self.weight, (0, self.pad)), self.bias)
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2 (timm's Mlp's parameter names). With `align` > 1 the hidden width runs rounded up to
+    a multiple of `align` with zero features: the same outputs and gradients (fc1's zero rows give GELU(0) = 0,
+    which meets fc2's zero columns) from aligned GEMMs (ViT-g's decoder: int(512 * 48 / 11) = 2234 runs as
+    2240)."""
+
+    def __init__(self, dim: int, hidden: int, align: int = 1):
+        super().__init__()
+        if align < 1:
+            raise ValueError(f"mlp align must be >= 1, got {align}")
+        self.fc1 = _PadOutLinear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = _PadInLinear(hidden, dim)
+        self.fc1.pad = self.fc2.pad = aligned(hidden, align) - hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
 class Block(nn.Module):
     """Pre-norm transformer block, no layer scale."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kernel: KernelChoice, drop_path: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, kernel: KernelChoice, drop_path: float = 0.0,
+                 mlp_align: int = 1):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, kernel)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), mlp_align)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+class TubeletConv(nn.Conv3d):
+    """The tubelet embedding's weights: a Conv3d with kernel = stride = (tubelet, p, p).
+
+    Given the visible tokens' ids it embeds only those: their tubelets are picked from a strided view of the
+    clip (the rest is never read) and meet the kernel as one matmul, the same sums the conv computes for them;
+    at 90 % masking that skips 90 % of the conv's work. It is the Conv3d's own forward, so ZeRO-3 gathers the
+    weight around it."""
+
+    def forward(self, video: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, N, dim) every token in grid order, or (B, Nv, dim) the tokens `visible`."""
+        if visible is None:
+            return super().forward(video).flatten(2).transpose(1, 2)
+        b, c, t, h, w = video.shape
+        kt, kh, kw = self.kernel_size
+        gt, gh, gw = t // kt, h // kh, w // kw
+        cells = video.reshape(b, c, gt, kt, gh, kh, gw, kw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        ti, rest = visible // (gh * gw), visible % (gh * gw)
+        rows = torch.arange(b, device=visible.device).unsqueeze(1)
+        patches = cells[rows, ti, rest // gw, rest % gw].flatten(2)  # (B, Nv, C*kt*kh*kw): the weight's order
+        return F.linear(patches, self.weight.flatten(1), self.bias)
+
+
 class PatchEmbed(nn.Module):
-    """Tubelet embedding: Conv3d with kernel = stride = (tubelet, p, p)."""
+    """Tubelet embedding (`proj`: the authors' key)."""
 
     def __init__(self, patch_size: int, tubelet_size: int, in_chans: int, dim: int):
         super().__init__()
         k = (tubelet_size, patch_size, patch_size)
-        self.proj = nn.Conv3d(in_chans, dim, kernel_size=k, stride=k)
+        self.proj = TubeletConv(in_chans, dim, kernel_size=k, stride=k)
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        return self.proj(video).flatten(2).transpose(1, 2)
+    def forward(self, video: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        return self.proj(video, visible)
 
 
 def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, num_ckpt: int, ckpt_fn: CheckpointFn,
@@ -104,8 +175,10 @@ class VideoEncoder(nn.Module):
 
     def __init__(self, *, img_size: int, patch_size: int, num_frames: int, tubelet_size: int, dim: int,
                  depth: int, num_heads: int, mlp_ratio: float, kernel: KernelChoice, in_chans: int = 3,
-                 drop_path_rate: float = 0.0, final_norm: bool = True):
+                 drop_path_rate: float = 0.0, final_norm: bool = True, embed_visible_only: bool = True):
         super().__init__()
+        # False: the authors' way, the conv over every token, then the hidden ones dropped (same values)
+        self.embed_visible_only = embed_visible_only
         self.grid = (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size)
         self.num_frames, self.img_size = num_frames, img_size  # the input it takes
         self.num_tokens = self.grid[0] * self.grid[1] * self.grid[2]
@@ -126,10 +199,16 @@ class VideoEncoder(nn.Module):
     def forward_features(self, video: torch.Tensor, mask: torch.Tensor | None = None,
                          keep_last: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(final-normed tokens, outputs of the last `keep_last` blocks before the final norm)."""
-        x = self.patch_embed(video)
-        x = x + self.pos_embed.to(dtype=x.dtype)
-        if mask is not None:
-            x = gather_tokens(x, _visible_index(mask))
+        if mask is None:
+            x = self.patch_embed(video)
+            x = x + self.pos_embed.to(dtype=x.dtype)
+        elif self.embed_visible_only:
+            visible = _visible_index(mask)
+            x = self.patch_embed(video, visible)
+            x = x + gather_tokens(self.pos_embed.to(dtype=x.dtype).expand(x.shape[0], -1, -1), visible)
+        else:
+            x = self.patch_embed(video)
+            x = gather_tokens(x + self.pos_embed.to(dtype=x.dtype), _visible_index(mask))
         x, inter = _run_blocks(self.blocks, x, self.num_ckpt_blocks, self.ckpt_fn, keep_last)
         return self.norm(x), inter
 
@@ -138,12 +217,13 @@ class VideoDecoder(nn.Module):
     """Blocks + norm + pixel head; returns predictions for the last `num_out` tokens."""
 
     def __init__(self, *, num_tokens: int, dim: int, depth: int, num_heads: int, mlp_ratio: float,
-                 out_dim: int, kernel: KernelChoice, drop_path_rate: float = 0.0):
+                 out_dim: int, kernel: KernelChoice, drop_path_rate: float = 0.0, mlp_align: int = 1):
         super().__init__()
         self.register_buffer("pos_embed", sinusoid_table(num_tokens, dim), persistent=False)
         # the authors give the decoder the encoder's drop_path_rate, spread over its own depth
         dpr = drop_path_schedule(drop_path_rate, depth)
-        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, kernel, dpr[i]) for i in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, kernel, dpr[i], mlp_align)
+                                    for i in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, out_dim)
         self.num_ckpt_blocks = 0
@@ -197,21 +277,24 @@ class PretrainVideoMAE(nn.Module):
 
     def __init__(self, *, img_size: int, patch_size: int, num_frames: int, tubelet_size: int, dim: int,
                  depth: int, num_heads: int, mlp_ratio: float, decoder_dim: int, decoder_depth: int,
-                 decoder_heads: int, attention: str = "auto", drop_path_rate: float = 0.0, in_chans: int = 3):
+                 decoder_heads: int, attention: str = "auto", drop_path_rate: float = 0.0, in_chans: int = 3,
+                 embed_visible_only: bool = True, decoder_mlp_align: int = 64):
+        """embed_visible_only / decoder_mlp_align: see VideoEncoder / Mlp; False / 1 run the authors' way
+        (the same values and the same parameters either way)."""
         super().__init__()
         self.kernel = KernelChoice(attention)
         self.patch_size, self.tubelet_size = patch_size, tubelet_size
         self.encoder = VideoEncoder(img_size=img_size, patch_size=patch_size, num_frames=num_frames,
                                     tubelet_size=tubelet_size, dim=dim, depth=depth, num_heads=num_heads,
                                     mlp_ratio=mlp_ratio, kernel=self.kernel, in_chans=in_chans,
-                                    drop_path_rate=drop_path_rate)
+                                    drop_path_rate=drop_path_rate, embed_visible_only=embed_visible_only)
         self.grid = self.encoder.grid
         self.encoder_to_decoder = nn.Linear(dim, decoder_dim, bias=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.decoder = VideoDecoder(num_tokens=self.encoder.num_tokens, dim=decoder_dim, depth=decoder_depth,
                                     num_heads=decoder_heads, mlp_ratio=mlp_ratio,
                                     out_dim=in_chans * tubelet_size * patch_size**2, kernel=self.kernel,
-                                    drop_path_rate=drop_path_rate)
+                                    drop_path_rate=drop_path_rate, mlp_align=decoder_mlp_align)
         self.init_weights()
 
     @torch.no_grad()

@@ -22,6 +22,7 @@ from ..config import ConfigError
 from ..data.augment import FinetuneClipTransform, SoftTargetCrossEntropy, VideoMixup, VideoRandomErasing, check_labels
 from ..data.transforms import normalize_on_device, pixel_stats
 from ..engine.layer_decay import layer_decay_param_groups
+from ..flops import classifier_flops
 from ..models import create_classifier
 from .base import Objective
 from .mae import loader_extras
@@ -153,8 +154,6 @@ class ClassifyObjective(Objective):
         return self.criterion(logits, target), {"acc": acc}
 
     def flops_per_sample(self) -> dict[str, float]:
-        from ..flops import classifier_flops
-
         return {"model": 3.0 * classifier_flops(self.cfg.model.spec(), self.ft.num_classes).total}
 
     # ---------------------------------------------------------------- EMA and the objective's checkpoint state

@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from ..models import create_classifier, load_pretrained
+from ..flops import classifier_flops
+from ..models import create_classifier, get_spec, load_pretrained
 from .classify import ClassifyObjective
 
 
@@ -65,8 +66,5 @@ class DistillObjective(ClassifyObjective):
         return loss, {"kl": kl.detach(), "agree": agree}
 
     def flops_per_sample(self) -> dict[str, float]:
-        from ..flops import classifier_flops
-        from ..models import get_spec
-
         spec = get_spec(self.dc.teacher.model, **self.teacher_sizes)
         return {**super().flops_per_sample(), "teacher": float(classifier_flops(spec, self.teacher_classes).total)}

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..data.transforms import normalize_on_device, pixel_stats
+from ..flops import train_step_flops
 from ..losses import channel_stats, pixel_target, reconstruction_loss
 from ..masking import TokenGrid, select_tokens
 from ..models import create_pretrain_model
@@ -63,9 +64,13 @@ class MAEObjective(Objective):
         return reconstruction_loss(pred, target, sel), {}
 
     def flops_per_sample(self) -> dict[str, float]:
-        from ..engine.metrics import model_flops_per_clip
-
-        return {"model": model_flops_per_clip(self.cfg)}
+        """fwd + bwd of one clip as the model runs it: the patch embedding of the visible tokens only (the
+        model's embed_visible_only); the decoder MLP at its own width (its alignment padding is work on zeros,
+        not counted, as recompute is not)."""
+        m = self.cfg.masks
+        return {"model": float(train_step_flops(self.cfg.model.spec(), decoder_mode=m.decoder,
+                                                encoder_ratio=m.encoder_ratio, decoder_ratio=m.decoder_ratio,
+                                                encoder_mask=m.encoder, embed_visible_only=True).total)}
 
 
 def loader_extras(cfg: Any) -> dict:

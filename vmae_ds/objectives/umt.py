@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_on_device, pixel_stats
+from ..flops import encoder_flops
 from ..losses import alignment_loss
 from ..masking import TokenGrid, attention_visible, select_tokens
 from ..models.clip_teacher import CLIP_MEAN, CLIP_STD, clip_flops_per_image, get_clip_spec, load_clip_teacher
@@ -133,16 +134,12 @@ class UMTObjective(Objective):
 
 def umt_flops(spec: Any, teacher_spec: Any, teacher_size: int, align_layers: int, mask_ratio: float,
               mask: str = "attention") -> dict[str, float]:
-    """Per clip: 'model' = student forward + backward (3x forward: patch embedding of every token, blocks on
-    the visible ones, the K heads), 'teacher' = its forward on every frame."""
-    from ..flops import block_flops
-
+    """Per clip: 'model' = student forward + backward (3x forward: the patch embedding and the blocks of the
+    visible tokens, the K heads), 'teacher' = its forward on every frame."""
     t, side = spec.num_frames // spec.tubelet_size, spec.img_size // spec.patch_size
     n = side * side
     visible = t * (n - int(mask_ratio * n)) if mask != "random" else t * n - int(mask_ratio * t * n)
-    embed = 2 * t * n * spec.dim * 3 * spec.tubelet_size * spec.patch_size ** 2
-    blocks = spec.depth * block_flops(visible, spec.dim, int(spec.dim * spec.mlp_ratio))
     heads = align_layers * 2 * visible * spec.dim * teacher_spec.proj_dim
-    student = embed + blocks + heads
+    student = encoder_flops(spec, visible, embedded=visible) + heads
     teacher = spec.num_frames * clip_flops_per_image(teacher_spec, teacher_size, num_align_layers=align_layers)
     return {"model": 3.0 * student, "teacher": float(teacher)}
