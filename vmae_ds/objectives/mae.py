@@ -62,6 +62,11 @@ class MAEObjective(Objective):
         pred = model(video.to(self.dtype), sel)
         return reconstruction_loss(pred, target, sel), {}
 
+    def probe_features(self, model: Any, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..probe.features import encoder_features
+
+        return encoder_features(model.encoder, video.to(self.dtype))
+
     def flops_per_sample(self) -> dict[str, float]:
         from ..engine.metrics import model_flops_per_clip
 
