@@ -36,7 +36,7 @@ class InRunProbe:
         self.data = {split: eval_data_config(base, shards, pc.num_workers, spec.num_frames, spec.img_size)
                      for split, shards in (("train", pc.train_shards), ("val", pc.val_shards))}
         self.class_names = class_names_of(pc.train_shards)
-        self.out = cfg.run_dir / "probe"
+        self.out = cfg.run_dir / "probe_in_run"  # vmae-probe writes <run>/probe
 
     def due(self, step: int) -> bool:
         return step % self.pc.every_steps == 0

@@ -82,7 +82,7 @@ def train_attentive(tokens: Tensor, labels: Tensor, num_classes: int, settings: 
                 loss.backward()
                 opt.step()
                 step += 1
-                total, seen = total + float(loss) * len(idx), seen + len(idx)
+                total, seen = total + float(loss.detach()) * len(idx), seen + len(idx)
             history.append(total / seen)
     return model.eval(), history
 

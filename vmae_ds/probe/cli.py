@@ -27,6 +27,7 @@ examples:
   vmae-probe runs/vitb_pretrain --train-shards shards/k400_probe_train --val-shards shards/k400_val
   vmae-probe weights/vitg_pretrain.safetensors --model g --train-shards tr/ --val-shards va/ --probes knn,linear
   vmae-probe runs/umt_b16 --train-shards tr/ --val-shards va/ --max-samples 5000 --out probe/umt_b16
+  vmae-probe weights/umt_b16.safetensors --model B --frames 8 --tubelet 1 --train-shards tr/ --val-shards va/
   vmae-probe runs/vitb_pretrain --random-init --train-shards tr/ --val-shards va/   # the untrained baseline
   deepspeed --num_gpus 8 --module vmae_ds.probe.cli runs/vitb_pretrain --train-shards tr/ --val-shards va/
 """
@@ -47,6 +48,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", help="model name or alias (default: the run's)")
     p.add_argument("--frames", type=int, help="frames per clip (default: the model's)")
     p.add_argument("--img-size", type=int, help="input size (default: the model's)")
+    p.add_argument("--tubelet", type=int, help="tubelet size (default: the model's; UMT students: 1)")
     p.add_argument("--sampling-rate", type=int, help="frame stride (default: the run's, else 4)")
     p.add_argument("--max-samples", type=int, help="most videos per split (the same share of every shard)")
     p.add_argument("--random-init", action="store_true", help="probe the same architecture at its random "
@@ -90,7 +92,8 @@ def build_encoder(args: argparse.Namespace):
             raise ProbeSetupError(f"{path}: --random-init of a weights file: give --model")
         over = {k: v for k, v in cfg.model.overrides().items() if k in ("patch_size", "tubelet_size", "depth",
                 "num_frames", "img_size")} if cfg is not None else {}
-        over |= {k: v for k, v in (("num_frames", args.frames), ("img_size", args.img_size)) if v is not None}
+        over |= {k: v for k, v in (("num_frames", args.frames), ("img_size", args.img_size),
+                                   ("tubelet_size", args.tubelet)) if v is not None}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = create_classifier(name, 1, attention=args.attention, **over)
@@ -102,14 +105,22 @@ def build_encoder(args: argparse.Namespace):
     return model, data
 
 
-def fingerprint(args: argparse.Namespace, data: dict, world: int, tokens: bool, model) -> str:
+def fingerprint(args: argparse.Namespace, data: dict, world: int, model) -> str:
     """What the cached features depend on: the weights (path, size, time), the clips, the split, the ranks."""
     path = Path(args.weights).resolve()
     files = sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file())
     stamp = [(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in files[:2000]]
-    text = json.dumps([stamp, args.random_init, args.max_samples, world, tokens, data, model.num_frames,
+    text = json.dumps([stamp, args.random_init, args.max_samples, world, data, model.num_frames,
                        model.img_size, args.dtype, str(args.train_shards), str(args.val_shards)], default=str)
     return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+
+def usable(path: Path, tokens: bool) -> bool:
+    """A cached split serves unless the attentive probe needs tokens that it was extracted without."""
+    from .features import FeatureSet
+
+    fs = FeatureSet.load(path)
+    return not tokens or fs.tokens is not None or len(fs) == 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,12 +163,12 @@ def _probe(args: argparse.Namespace) -> int:
     cache = out / "features"
     cache.mkdir(parents=True, exist_ok=True)
     tokens = "attentive" in kinds
-    fp = fingerprint(args, data, world, tokens, model)
+    fp = fingerprint(args, data, world, model)
     started = time.perf_counter()
     kept = 0
     for split, shards in (("train", args.train_shards), ("val", args.val_shards)):
         target = cache / f"{split}.{fp}.rank{rank}.pt"
-        if target.exists():
+        if target.exists() and usable(target, tokens):
             kept += 1
             continue
         cfg = eval_data_config(data, shards, args.workers, model.num_frames, model.img_size)
