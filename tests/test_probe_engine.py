@@ -146,3 +146,21 @@ def test_vmae_probe_reads_umt_students_and_random_init(runs, tmp_path):
     r = _probe_cli(str(tmp_path / "umt.safetensors"), "--model", "debug", "--train-shards", str(sets / "train"),
                    "--val-shards", str(sets / "val"), "--probes", "knn,svm")
     assert r.returncode == 2 and "--probes: unknown ['svm']" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_umt_runs_probe_their_student(probe_sets, tmp_path):
+    """The umt objective gives its student's features to the same probe (one rank, ZeRO-2, linear probe)."""
+    from engine_helpers import objective_sections
+
+    sections = objective_sections(tmp_path, "umt")
+    sections["model"]["num_frames"] = 4
+    probe = {"every_steps": 2, "train_shards": str(probe_sets / "train"), "val_shards": str(probe_sets / "val"),
+             "kind": "linear", "num_workers": 0, "batch_size": 4}
+    cfg = write_config(tmp_path / "umt.yaml", name="umt", output_dir=str(tmp_path / "runs"), probe=probe,
+                       deepspeed_config=str(ROOT / "ds_configs" / "zero2.json"), optim={"max_steps": 2},
+                       logging={"every_steps": 1, "tensorboard": False}, **sections)
+    code, log = run("--config", str(cfg), log=tmp_path / "umt.log", ranks=1)
+    assert code == 0, log[-3000:]
+    recs = metrics(tmp_path / "runs" / "umt")
+    assert recs[0]["probe"]["kind"] == "linear" and recs[2]["probe"]["train"] == 24
+    assert recs[2]["probe"]["top1"] is not None and "probe at step 2: linear top-1" in log

@@ -98,3 +98,31 @@ def test_attentive_probe_learns_a_separable_token_set():
     assert acc >= 0.9, (acc, history)
     again, _ = train_attentive(x[train].half(), y[train], c, settings)  # its own seed: the same probe again
     assert all(torch.equal(a, b) for a, b in zip(probe.state_dict().values(), again.state_dict().values()))
+
+
+def test_sample_cap_takes_the_same_share_of_every_shard():
+    from vmae_ds.data.finetune import capped_counts
+
+    assert capped_counts([4, 4, 4], None) == [4, 4, 4] and capped_counts([4, 4, 4], 50) == [4, 4, 4]
+    assert capped_counts([4, 4, 4, 4, 4, 4], 16) == [3, 3, 3, 3, 2, 2]  # remainders to the earlier shards
+    assert capped_counts([10, 5, 1], 8) == [5, 3, 0]
+    for counts, cap in (([7, 3, 9, 1], 11), ([100, 1], 2), ([5], 3)):
+        got = capped_counts(counts, cap)
+        assert sum(got) == cap and all(0 <= g <= c for g, c in zip(got, counts))
+
+
+def test_probe_section_is_checked_at_start_up(tmp_path):
+    from engine_helpers import write_config
+
+    from vmae_ds.config import ConfigError
+    from vmae_ds.engine.run_config import load_run_config
+
+    probe = {"train_shards": str(tmp_path / "nope"), "val_shards": str(tmp_path / "nope")}
+    with pytest.raises(ConfigError) as e:  # a typo'd probe set costs seconds, not a start-up
+        load_run_config(write_config(tmp_path / "a.yaml", probe=probe))
+    assert "probe.train_shards" in str(e.value) and "nope" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="probe.kind"):
+        load_run_config(write_config(tmp_path / "b.yaml", probe={**probe, "kind": "svm"}))
+    with pytest.raises(ConfigError, match="section 'probe' is for pretraining"):
+        load_run_config(write_config(tmp_path / "c.yaml", probe=probe, objective="classify", masks=None,
+                                     finetune={"num_classes": 4}))
