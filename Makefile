@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: setup test lint demo demo-finetune demo-umt bench flops gpu-check clean
+.PHONY: setup test lint demo demo-finetune demo-umt demo-probe bench flops gpu-check clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,6 +29,9 @@ demo-finetune: setup  ## progressive path: labelled clips -> pretrain -> fine-tu
 demo-umt: setup  ## UMT: tiny CLIP teacher (OpenAI layout) -> ZeRO pretraining -> resume -> export -> fine-tune
 	bash scripts/demo_umt.sh
 
+demo-probe: setup  ## motion clips -> MAE pretraining with the in-run probe -> vmae-probe: pretrained vs random init
+	bash scripts/demo_probe.sh
+
 bench: setup  ## CPU-sized benchmark suite
 	$(PY) -m benchmarks --preset cpu --out reports/bench
 
@@ -39,4 +42,4 @@ flops: setup  ## analytic FLOPs table, all sizes, encoder-only vs dual
 	$(PY) -m vmae_ds.flops_cli
 
 clean:
-	rm -rf $(VENV) runs reports demo_out demo_ft_out demo_umt_out
+	rm -rf $(VENV) runs reports demo_out demo_ft_out demo_umt_out demo_probe_out

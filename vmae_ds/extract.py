@@ -67,7 +67,8 @@ def load_encoder(args: argparse.Namespace):
     path = Path(args.weights)
     if not path.exists():
         raise ExtractError(f"{path}: no such run folder or weights file")
-    sizes = {k: v for k, v in (("num_frames", args.frames), ("img_size", args.img_size)) if v is not None}
+    sizes = {k: v for k, v in (("num_frames", args.frames), ("img_size", args.img_size),
+                               ("tubelet_size", getattr(args, "tubelet", None))) if v is not None}
     from .export import run_config_of
 
     cfg = run_config_of(path) if path.is_dir() else None

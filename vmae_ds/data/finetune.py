@@ -105,6 +105,19 @@ class _EvalStream(IterableDataset):
         return {"index": g, "key": key, "video": video, "label": label, "valid": True}
 
 
+def capped_counts(counts: list[int], cap: int | None) -> list[int]:
+    """Per shard, how many of its first samples to read so that they sum to min(cap, total), in proportion to
+    the shard sizes (largest remainders first, ties to the earlier shard)."""
+    total = sum(counts)
+    if cap is None or cap >= total:
+        return list(counts)
+    share = [c * cap // total for c in counts]
+    rest = sorted(range(len(counts)), key=lambda s: (-(counts[s] * cap % total), s))
+    for s in rest[:cap - sum(share)]:
+        share[s] += 1
+    return share
+
+
 def _as_is(item: dict) -> dict:
     return item  # module level (not a lambda) so spawn-started workers can pickle it
 
@@ -113,16 +126,17 @@ class EvalLoader:
     """Test-time views for one rank: {video uint8 (B, V, 3, T, S, S), label (B,), valid (B,), index (B,),
     keys [B]}.
 
-    V = num_clips x num_crops (Kinetics 5 x 3, SSv2 2 x 3). Every video is in exactly one rank's batches
-    (ranks get contiguous near-equal shares of the index order). Every rank yields the same number of full
-    batches: padding and unreadable clips have valid=False (zeros, key ''/the sample's key), so collective
-    ops never hang. A clip that crashes or hangs its decoder is quarantined, counted invalid, and the
-    workers restart where they were. Sum the softmax scores over V for the prediction.
+    V = num_clips x num_crops (Kinetics 5 x 3, SSv2 2 x 3). `max_samples`: read only that many videos, the same
+    share of every shard (its first ones), so a probe set stays spread over the shards. Every video is in
+    exactly one rank's batches (ranks get contiguous near-equal shares of the index order). Every rank yields
+    the same number of full batches: padding and unreadable clips have valid=False (zeros, key ''/the sample's
+    key), so collective ops never hang. A clip that crashes or hangs its decoder is quarantined, counted
+    invalid, and the workers restart where they were. Sum the softmax scores over V for the prediction.
     """
 
     def __init__(self, cfg: DataConfig, *, batch_size: int, rank: int, world_size: int,
                  num_clips: int = 5, num_crops: int = 3, quarantine: Iterable[str] = (),
-                 fault_keys: dict[str, str] | None = None):
+                 fault_keys: dict[str, str] | None = None, max_samples: int | None = None):
         if cfg.backend == "nvdec":
             raise NvdecUnavailable("data.backend nvdec is for the training loaders; EvalLoader decodes its "
                                    "test-time views in the workers: use backend pyav or decord")
@@ -136,8 +150,9 @@ class EvalLoader:
             raise ValueError("fault_keys need num_workers >= 1 (a crash in the main process cannot be survived)")
         self.counts, self.cfg, self.batch_size = counts, cfg, batch_size
         self.rank, self.world, self.num_clips, self.num_crops = rank, world_size, num_clips, num_crops
-        self.total = sum(counts)
-        self.layout = EpochLayout(counts, 0, world_size, max(cfg.num_workers, 1), rank, shuffle=False)
+        read = capped_counts(counts, max_samples)  # indices keep their place in the whole set
+        self.total = sum(read)
+        self.layout = EpochLayout(read, 0, world_size, max(cfg.num_workers, 1), rank, shuffle=False)
         self.quarantine, self.fault_keys = set(quarantine), dict(fault_keys or {})
         self.invalid = 0
         self.crashed: list[str] = []

@@ -109,7 +109,8 @@ def portable_config(cfg: Any) -> dict:
     # every field that names a local file or folder, as (section path, key)
     fields = [(("data", "shards"), "shards"), (("finetune",), "init"), (("finetune", "eval"), "shards"),
               (("finetune", "init_head_map"), "source_classes"), (("finetune", "init_head_map"), "target_classes"),
-              (("distill", "teacher"), "weights"), (("umt", "teacher"), "path")]
+              (("distill", "teacher"), "weights"), (("umt", "teacher"), "path"), (("probe",), "train_shards"),
+              (("probe",), "val_shards")]
     for where, key in fields:
         node: Any = d
         for part in where:

@@ -86,6 +86,11 @@ class MetricsWriter:
             for k, v in rec.items():
                 if k != "step" and isinstance(v, (int, float)) and v == v:
                     self.tb.add_scalar(f"train/{k}", v, rec["step"])
+            probe = rec.get("probe")
+            if isinstance(probe, dict):  # the in-run probe's accuracy at the step it ran
+                for k in ("top1", "top5", "mean_class_accuracy", "seconds"):
+                    if isinstance(probe.get(k), (int, float)):
+                        self.tb.add_scalar(f"probe/{k}", probe[k], rec["step"])
 
     def close(self) -> None:
         if self.enabled:
@@ -108,6 +113,9 @@ def progress_line(rec: dict, total_steps: int) -> str:
     loader = f" | loader mem {rec['loader_mem_gib']:.2f} GiB" if rec.get("loader_mem_gib") is not None else ""
     if rec.get("step_split"):  # shares of the step time (the progress line's are window averages)
         loader += " | split " + " ".join(f"{k} {v * 100:.0f}%" for k, v in rec["step_split"].items())
+    probe = rec.get("probe")
+    if probe and probe.get("top1") is not None:  # the newest in-run probe, with the step it ran at
+        loader += f" | probe {probe['kind']} top-1 {probe['top1']:.3f} @ step {probe['step']}"
     return (f"step {rec['step']}/{total_steps} ep {rec['epoch']} | loss {rec['loss']:.4f}{extra} | "
             f"lr {rec['lr']:.3e} | grad norm {gn} | {rec['clips_per_s']:.1f} clips/s | MFU {mfu} | peak mem {mem} | "
             f"data wait {rec['data_wait'] * 100:.0f}%{loader} | non-finite skipped {rec['nonfinite_total']}"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 # what may change on resume: when to stop, how often to log or save, recompute vs store activations, speed
-# options, the data's location and loader settings (the loader checks its own state)
+# options, the data's location and loader settings (the loader checks its own state), the in-run probe (it
+# changes no step)
 RESUME_FREE = {"name", "output_dir", "deepspeed_config", "optim.max_steps", "activation_checkpointing",
                "checkpoint", "logging", "debug", "max_consecutive_nonfinite", "data.shards", "speed",
                "optim.fused", "optim.grad_accum", "finetune.eval", "finetune.init", "finetune.init_head_map",
-               "finetune.init_fresh_head", "finetune.ema.eval"}
+               "finetune.init_fresh_head", "finetune.ema.eval", "probe"}
 
 
 def resume_conflicts(saved: dict, current: dict, prefix: str = "") -> list[str]:

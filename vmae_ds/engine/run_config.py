@@ -21,6 +21,7 @@ Objective = Literal["mae", "umt", "classify", "distill"]
 # the sections each objective reads, beyond the common ones
 OBJECTIVE_SECTIONS = {"mae": ("masks",), "umt": ("umt",), "classify": ("finetune",),
                       "distill": ("finetune", "distill")}
+PROBED = ("mae", "umt")  # objectives whose runs may carry an in-run probe (they have no labels of their own)
 
 
 class SyntheticConfig(Strict):
@@ -140,6 +141,25 @@ class DebugConfig(Strict):
                               "(torch.cuda.set_sync_debug_mode) and print them with where they came from")
     decode_faults: dict[str, Literal["crash", "hang"]] = Field(
         default_factory=dict, description="sample key -> crash | hang: the loader's decoder misbehaves on it")
+
+
+class ProbeConfig(Strict):
+    """The in-run probe (objectives mae and umt): every `every_steps` steps, frozen features of a small labelled
+    set are extracted on all ranks with the current weights and scored by a kNN or linear probe; the accuracy
+    goes to the progress line, metrics.jsonl, TensorBoard and <run>/probe.png. It changes no training step.
+    Defaults keep it well under 5 % of a ViT-B or ViT-g recipe's time (README: what the in-run probe costs)."""
+
+    every_steps: int = Field(1000, gt=0)
+    train_shards: str = Field(description="labelled shards the probe learns from (folder or index.json)")
+    val_shards: str = Field(description="labelled held-out shards it is scored on")
+    kind: Literal["knn", "linear"] = "knn"
+    max_samples: int = Field(1000, gt=0, description="most videos per split (the same share of every shard)")
+    at_start: bool = Field(True, description="also probe a fresh run's initial weights (the baseline)")
+    batch_size: int = Field(8, gt=0, description="videos per rank per forward")
+    num_workers: int = Field(4, ge=0, description="decoding processes per rank for the probe clips")
+    k: int = Field(20, gt=0, description="kNN neighbours")
+    temperature: float = Field(0.07, gt=0, description="kNN vote temperature")
+    weight_decay: float = Field(1e-3, gt=0, description="linear probe L2 penalty")
 
 
 # ----------------------------------------------------------------- objective sections
@@ -272,6 +292,7 @@ class RunConfig(Strict):
     logging: LoggingConfig = LoggingConfig()
     speed: SpeedConfig = SpeedConfig()
     max_consecutive_nonfinite: int = Field(5, gt=0, description="stop after this many non-finite losses in a row")
+    probe: ProbeConfig | None = None
     debug: DebugConfig = DebugConfig()
 
     @model_validator(mode="after")
@@ -286,6 +307,9 @@ class RunConfig(Strict):
         for section in mine:
             if section != "masks" and getattr(self, section) is None:
                 raise ValueError(f"objective {self.objective} needs a '{section}' section")
+        if self.probe is not None and self.objective not in PROBED:
+            raise ValueError(f"section 'probe' is for pretraining (objectives {', '.join(PROBED)}); a "
+                             f"{self.objective} run is scored by finetune.eval")
         return self
 
     @property
@@ -329,4 +353,14 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
                 check_available()
             except NvdecUnavailable as e:
                 raise ConfigError(str(e).replace("data.backend", "data.shards.backend")) from None
+    if cfg.probe is not None:  # a typo'd probe set fails at start-up; a shard that breaks later is only reported
+        from ..data.shards import ShardSpecError, resolve_set
+
+        for field in ("train_shards", "val_shards"):
+            try:
+                if resolve_set(getattr(cfg.probe, field)).counts is None:
+                    raise ShardSpecError(f"shards: {getattr(cfg.probe, field)}: no sample counts (point it at "
+                                         f"the folder or index.json that vmae-shards build wrote)")
+            except ShardSpecError as e:
+                raise ConfigError(f"probe.{field}: {str(e).removeprefix('shards: ')}") from None
     return cfg

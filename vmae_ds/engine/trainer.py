@@ -42,6 +42,7 @@ from .metrics import PEAK_BF16_FLOPS, MetricsWriter, detect_device_name, peak_me
 from .optim import Derived, derive, lr_at
 from .preemption import Preemption
 from .prefetch import BatchPrefetcher
+from .probe import InRunProbe, plot_probe
 from .quarantine import read_quarantine, write_quarantine
 from .resume import resume_conflicts
 from .run_config import RunConfig
@@ -260,6 +261,8 @@ class _Loop:
         self.quarantine_written = read_quarantine(run_dir)
         self.storage = StorageMeter()  # shard reads per rank in the records (data_problems)
         self.keys_log = open(run_dir / f"keys.rank{rank}.jsonl", "a") if cfg.debug.log_keys else None
+        self.probe = InRunProbe(cfg, rank, world, host_group) if cfg.probe is not None else None
+        self.last_probe: dict | None = None  # the newest probe result (rank 0), shown in every progress line
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, prefetch: BatchPrefetcher) -> None:
@@ -294,6 +297,8 @@ class _Loop:
         engine.train()
         in_step = True  # False once every rank is known to leave the loop together (safe to barrier)
         try:
+            if self.probe is not None and state.step == 0 and cfg.probe.at_start:  # the initial weights' baseline
+                self.record_probe(self.probe.run(engine, self.objective, 0), 0)
             while state.step < self.stop_at:
                 if preempt.agreed(engine.device, self.host_group):
                     if window.steps:
@@ -358,6 +363,8 @@ class _Loop:
                 window.add({"step": step, "lr": lr, "grad_norm": gn.detach() if torch.is_tensor(gn) else gn,
                             "wait": prefetch.wait_s - wait0, "nonfinite_total": state.nonfinite_total,
                             "epoch": (state.videos - 1) // self.videos_per_epoch()}, losses, extras)
+                if self.probe is not None and self.probe.due(step):  # before the checkpoint: its records include it
+                    window.steps[-1]["probe"] = self.probe.run(engine, self.objective, step)
                 if step % cfg.logging.every_steps == 0 or step == self.stop_at or step == first_step:
                     self.flush(window, timer, first=step == first_step)
                 if step % cfg.checkpoint.every_steps == 0 or (step == self.stop_at and cfg.checkpoint.at_end):
@@ -387,6 +394,12 @@ class _Loop:
             if self.keys_log is not None:
                 self.keys_log.close()
             shutdown(self.loader, synced=not in_step)
+
+    def record_probe(self, result: dict | None, step: int) -> None:
+        """A probe outside a step's record (before the first step): its own metrics record."""
+        if result is not None and self.rank == 0:
+            self.last_probe = dict(result, step=step)
+            self.metrics.record({"step": step, "probe": self.last_probe})
 
     def report_syncs(self, counted: Any, first: int, last: int) -> None:
         if counted is None or self.rank != 0:
@@ -420,11 +433,15 @@ class _Loop:
                 rec["step_split"] = split
             if loader_mem is not None:
                 rec["loader_mem_gib"] = loader_mem
+            if info.get("probe") is not None:
+                rec["probe"] = self.last_probe = dict(info["probe"], step=info["step"])
             recs.append(rec)
         if self.cfg.data.kind == "shards" and recs:
             recs[-1].update(self.data_problems())
         for rec in recs:
             self.metrics.record(rec)
+        if self.rank == 0 and any("probe" in r for r in recs):
+            plot_probe(self.run_dir, self.cfg.name)
         if first and self.rank == 0:
             kern = getattr(self.engine.module, "kernel", None)
             if kern is not None:
@@ -444,6 +461,8 @@ class _Loop:
         avg["mfu"] = self.mfu(avg["clips_per_s"], self.model_flops)
         if self.teacher_flops:
             avg["mfu_with_teacher"] = self.mfu(avg["clips_per_s"], self.model_flops + self.teacher_flops)
+        if self.last_probe is not None:
+            avg["probe"] = self.last_probe
         if "step_split" in recs[-1]:
             avg["step_split"] = {k: sum(r["step_split"].get(k, 0.0) for r in recs) / t for k in recs[-1]["step_split"]}
         if "objective" in recs[-1]:

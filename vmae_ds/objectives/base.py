@@ -69,6 +69,11 @@ class Objective:
         counted) and, when there is one, 'teacher' (its forward)."""
         raise NotImplementedError
 
+    def probe_features(self, model: Any, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled (B, D) float32, tokens (B, N, D)) of the model's encoder on normalised float `video`, for the
+        in-run probe (run config `probe:`); runs under no_grad in eval mode with the weights gathered."""
+        raise NotImplementedError(f"objective {self.name} has no in-run probe")
+
     def after_step(self, engine: Any, step: int) -> None:
         """After every applied optimizer step (not a skipped non-finite one), on every rank; `step` is the number
         of applied steps so far (e.g. an EMA of the weights folds them in here)."""

@@ -63,6 +63,11 @@ class MAEObjective(Objective):
         pred = model(video.to(self.dtype), sel)
         return reconstruction_loss(pred, target, sel), {}
 
+    def probe_features(self, model: Any, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..probe.features import encoder_features
+
+        return encoder_features(model.encoder, video.to(self.dtype))
+
     def flops_per_sample(self) -> dict[str, float]:
         """fwd + bwd of one clip as the model runs it: the patch embedding of the visible tokens only (the
         model's embed_visible_only); the decoder MLP at its own width (its alignment padding is work on zeros,

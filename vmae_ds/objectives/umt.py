@@ -127,6 +127,11 @@ class UMTObjective(Objective):
         chosen = [t.gather(1, visible.unsqueeze(-1).expand(-1, -1, t.shape[-1])) for t in targets]
         return alignment_loss(preds, chosen), {}
 
+    def probe_features(self, model: Any, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..probe.features import encoder_features
+
+        return encoder_features(model.encoder, video.to(self.dtype))
+
     def flops_per_sample(self) -> dict[str, float]:
         return umt_flops(self.spec, self.teacher_spec, self.teacher_size, self.uc.align_layers, self.uc.mask_ratio,
                          self.uc.mask)
