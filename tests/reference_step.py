@@ -46,9 +46,15 @@ def old_target(video: torch.Tensor, p: int, t: int) -> torch.Tensor:
 
 def old_forward(self, video, encoder_mask, decoder_mask=None):
     enc = self.encoder
-    x = enc.patch_embed(video)
-    x = x + enc.pos_embed.to(dtype=x.dtype)
-    x = x[~encoder_mask].reshape(x.shape[0], -1, x.shape[-1])
+    b, n = encoder_mask.shape
+    if enc.embed_visible_only:  # the model's own arithmetic (a matmul over the visible tubelets), old-style ids
+        ids = torch.arange(n, device=video.device).expand(b, n)[~encoder_mask].reshape(b, -1)
+        x = enc.patch_embed(video, ids)
+        x = x + enc.pos_embed.to(dtype=x.dtype).expand(b, -1, -1)[~encoder_mask].reshape(b, -1, x.shape[-1])
+    else:
+        x = enc.patch_embed(video)
+        x = x + enc.pos_embed.to(dtype=x.dtype)
+        x = x[~encoder_mask].reshape(b, -1, x.shape[-1])
     x, _ = _run_blocks(enc.blocks, x, enc.num_ckpt_blocks, enc.ckpt_fn)
     x_vis = self.encoder_to_decoder(enc.norm(x))
     b, _, c = x_vis.shape
