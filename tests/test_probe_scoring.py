@@ -100,6 +100,14 @@ def test_attentive_probe_learns_a_separable_token_set():
     assert all(torch.equal(a, b) for a, b in zip(probe.state_dict().values(), again.state_dict().values()))
 
 
+def test_attentive_probe_on_a_small_set_runs_at_least_min_steps():
+    s = AttentiveSettings(epochs=2, batch_size=8, min_steps=12)
+    assert s.epochs_for(64) == 2 and s.epochs_for(16) == 6 and s.epochs_for(3) == 12  # 8, 2 and 1 steps an epoch
+    x, y = torch.randn(16, 4, 8), torch.arange(16) % 2
+    _, history = train_attentive(x, y, 2, s)
+    assert len(history) == 6
+
+
 def test_sample_cap_takes_the_same_share_of_every_shard():
     from vmae_ds.data.finetune import capped_counts
 

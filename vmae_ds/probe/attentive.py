@@ -47,30 +47,40 @@ class AttentiveSettings:
     weight_decay: float = 0.05
     warmup_epochs: float = 2.0
     seed: int = 0
+    # a small probe set gives few steps an epoch (240 clips at batch 64: 80 steps in 20 epochs, which leaves
+    # even random-init tokens at chance); the epochs grow until the schedule has at least this many steps
+    min_steps: int = 400
+
+    def epochs_for(self, n: int) -> int:
+        """Epochs run over n training clips: `epochs`, or more to reach `min_steps`."""
+        per_epoch = math.ceil(n / min(self.batch_size, n))
+        return max(self.epochs, math.ceil(self.min_steps / per_epoch))
 
 
 def train_attentive(tokens: Tensor, labels: Tensor, num_classes: int, settings: AttentiveSettings,
                     device: torch.device | str = "cpu") -> tuple[AttentiveProbe, list[float]]:
-    """Fit an AttentiveProbe on (n, N, D) frozen tokens; returns it (eval mode) and the mean loss per epoch."""
+    """Fit an AttentiveProbe on (n, N, D) frozen tokens; returns it (eval mode) and the mean loss per epoch
+    (`settings.epochs_for(n)` epochs)."""
     if tokens.dim() != 3 or labels.shape != (tokens.shape[0],) or tokens.shape[0] == 0:
         raise ProbeError(f"attentive probe needs (n, N, D) tokens and n labels, got {tuple(tokens.shape)} and "
                          f"{tuple(labels.shape)}")
     s = settings
+    epochs = s.epochs_for(tokens.shape[0])
     gen = torch.Generator().manual_seed(s.seed)
     with torch.random.fork_rng(devices=[]):  # the probe's init draws from its own seed, not the caller's stream
         torch.manual_seed(s.seed)
         model = AttentiveProbe(tokens.shape[2], num_classes).to(device)
     n = tokens.shape[0]
     bs = min(s.batch_size, n)
-    opt_cfg = OptimConfig(batch_size=bs, base_lr=s.base_lr, weight_decay=s.weight_decay, epochs=s.epochs,
-                          warmup_epochs=min(s.warmup_epochs, s.epochs))
+    opt_cfg = OptimConfig(batch_size=bs, base_lr=s.base_lr, weight_decay=s.weight_decay, epochs=epochs,
+                          warmup_epochs=min(s.warmup_epochs, epochs))
     d = derive(opt_cfg, world_size=1, num_sample=1, batches_per_epoch=math.ceil(n / bs))
     opt = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=d.lr, betas=opt_cfg.betas, eps=opt_cfg.eps)
     y = labels.long()
     history, step = [], 0
     model.train()
     with torch.enable_grad():
-        for _ in range(s.epochs):
+        for _ in range(epochs):
             order = torch.randperm(n, generator=gen)
             total, seen = 0.0, 0
             for i in range(0, n, bs):

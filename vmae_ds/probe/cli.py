@@ -57,6 +57,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature (default 0.07)")
     p.add_argument("--linear-wd", type=float, default=1e-3, help="linear probe L2 penalty (default 1e-3)")
     p.add_argument("--attentive-epochs", type=int, default=20)
+    p.add_argument("--attentive-min-steps", type=int, default=400,
+                   help="more epochs where a small set gives fewer optimizer steps than this (default 400)")
     p.add_argument("--attentive-lr", type=float, default=4e-3, help="base lr (x batch / 256; default 4e-3)")
     p.add_argument("--attentive-batch", type=int, default=64)
     p.add_argument("--batch", type=int, default=8, help="videos per forward per rank (default 8)")
@@ -242,10 +244,10 @@ def run_probes(kinds: list[str], sets: dict, num_classes: int, names: list[str] 
                 from .scoring import ProbeError
                 raise ProbeError("attentive probe: no tokens cached (no readable clips?)")
             s = AttentiveSettings(epochs=args.attentive_epochs, batch_size=args.attentive_batch,
-                                  base_lr=args.attentive_lr)
+                                  base_lr=args.attentive_lr, min_steps=args.attentive_min_steps)
             probe, history = train_attentive(train.tokens, train.labels, num_classes, s, device)
             scores = attentive_scores(probe, val.tokens, device=device)
-            settings[kind] = (f"1 query cross-attention + MLP + linear, {s.epochs} epochs, batch {s.batch_size}, "
+            settings[kind] = (f"1 query cross-attention + MLP + linear, {len(history)} epochs, batch {s.batch_size}, "
                               f"base lr {s.base_lr} (warmup + cosine), final train loss {history[-1]:.4f}")
         r = score(scores.cpu(), val, num_classes, names)
         results[kind] = r
